@@ -188,6 +188,7 @@ class FederationConfig:
     min_sites: int | None = field(default=None, metadata=_min(1))  # None: all sites
     wait_timeout: float = field(default=120.0, metadata=_min(0.0))  # seconds for nodes
     round_timeout: float = field(default=1800.0, metadata=_min(1.0))
+    baselines: bool = True  # local-only models (same budget) for the cross-site comparison
     finetune_iterations: int = field(default=0, metadata=_min(0))  # personalised models
 
 

@@ -1,0 +1,244 @@
+"""A hospital's side of a federated run: local GenSeg rounds, evaluation and baselines.
+
+Everything here runs on site. What a method returns is exactly what may be sent back to the
+coordinator: shared weights (``fed.weights``) and scalar metrics. The site's data, its validation
+split, the discriminator and optimiser states stay in memory or in the site's ``state_dir``.
+
+On-site state (per run key, so a resumed run finds it and a new run starts clean)::
+
+    <state_dir>/<run_key>/<site>/round-0003.pt   trainer state after round 3 (the last two are kept)
+    <state_dir>/<run_key>/<site>/baseline.pt     local-only and fine-tuned segmenters
+    <state_dir>/<run_key>/<site>/samples.png     mask | synthetic | real | prediction (never sent)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import Config, SiteSpec
+from ..data import MaskAugmenter, SiteSplit, load_site, split_site
+from ..data.site import stable_seed
+from ..evaluation.metrics import evaluate_segmenter
+from ..local import write_samples
+from ..mlo.trainer import GenSegTrainer, Networks, build_networks
+from ..runtime import resolve_device
+from .weights import load_shared_weights, shared_weights, split_part
+
+__all__ = ["SiteIdentity", "SiteSession"]
+
+logger = logging.getLogger(__name__)
+
+_ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """What a site tells the coordinator about itself: a name, a role and counts, nothing else."""
+
+    name: str
+    role: str  # "train" or "heldout"
+    n_train: int
+    n_val: int
+    n_test: int
+    simulated_shift: bool
+    description: str
+
+
+class SiteSession:
+    """One site's data, networks and on-site state for one run.
+
+    Args:
+        cfg: the experiment config (as the coordinator started the run).
+        spec: where this site's data is.
+        role: ``train`` (split into train/val/test) or ``heldout`` (every image is a test image).
+        state_dir: on-site folder; this session uses ``state_dir/<run_key>/<site name>``.
+        run_key: identifies the run across coordinator restarts.
+    """
+
+    def __init__(self, cfg: Config, spec: SiteSpec, role: str, state_dir: Path, *, run_key: str) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.role = role
+        self.device = resolve_device(cfg.device)
+        self.dir = Path(state_dir) / _safe(run_key) / _safe(spec.name)
+        data = load_site(
+            spec, image_size=cfg.data.image_size, channels=cfg.data.channels, empty_masks=cfg.data.empty_masks
+        )
+        if role == "train":
+            self.split = split_site(
+                data,
+                n_train=cfg.data.n_train,
+                n_val=cfg.data.n_val,
+                test_fraction=cfg.data.test_fraction,
+                seed=cfg.data.split_seed,
+            )
+        else:
+            empty = data.subset([])
+            self.split = SiteSplit(train=empty, val=empty, test=data)
+        self.seed = cfg.seed * 1000 + stable_seed(spec.name) % 1000
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> SiteIdentity:
+        s = self.split
+        return SiteIdentity(
+            name=self.spec.name,
+            role=self.role,
+            n_train=len(s.train),
+            n_val=len(s.val),
+            n_test=len(s.test),
+            simulated_shift=s.test.simulated_shift,
+            description=s.test.description,
+        )
+
+    # ------------------------------------------------------------------ training
+    def _networks(self, mode: str | None = None) -> Networks:
+        torch.manual_seed(self.seed)
+        mode = mode or self.cfg.mlo.mode
+        return build_networks(
+            self.cfg.model, channels=self.cfg.data.channels, image_size=self.cfg.data.image_size, mode=mode
+        )
+
+    def _trainer(self, nets: Networks) -> GenSegTrainer:
+        if self.role != "train":
+            raise RuntimeError(f"site '{self.spec.name}' is a held-out site: it never trains")
+        return GenSegTrainer(
+            self.cfg.mlo,
+            nets,
+            self.split.train,
+            self.split.val,
+            MaskAugmenter(self.cfg.augment, seed=self.seed),
+            device=self.device,
+            seed=self.seed,
+        )
+
+    def train_round(
+        self,
+        global_weights: dict[str, np.ndarray],
+        *,
+        server_round: int,
+        iterations: int,
+        proximal_mu: float = 0.0,
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Load the global weights, train ``iterations`` GenSeg steps, return (shared weights, metrics).
+
+        The trainer state (discriminator, optimisers, RNGs, local normalisation layers) continues
+        from this site's state after round ``server_round - 1``, so re-running a round after a
+        coordinator restart gives the same result as the first time.
+        """
+        started = time.perf_counter()
+        nets = self._networks()
+        trainer = self._trainer(nets)
+        previous = self.dir / f"round-{server_round - 1:04d}.pt"
+        if previous.is_file():
+            trainer.load_state_dict(load_checkpoint(previous))
+        elif server_round > 1:
+            logger.warning(
+                "site %s: no on-site state from round %d (new or wiped site); discriminator and "
+                "optimisers start fresh",
+                self.spec.name,
+                server_round - 1,
+            )
+        load_shared_weights(
+            nets.parts(),
+            global_weights,
+            keep_local_norms=self.cfg.federation.local_norm and previous.is_file(),
+        )
+        proximal = None
+        if proximal_mu > 0:
+            proximal = {
+                part: (
+                    {
+                        k: torch.as_tensor(v, device=self.device)
+                        for k, v in split_part(global_weights, part).items()
+                    },
+                    proximal_mu,
+                )
+                for part in ("segmenter", "generator")
+            }
+        stats = trainer.train(iterations, proximal=proximal)
+        save_checkpoint(trainer.state_dict(), self.dir / f"round-{server_round:04d}.pt")
+        self._prune_rounds(keep_from=server_round - 1)
+        write_samples(
+            self.dir / "samples.png",
+            nets,
+            self.split,
+            device=self.device,
+            title=f"{self.spec.name}, round {server_round}",
+        )
+        metrics = {k: float(v) for k, v in stats.items()}
+        metrics["num-examples"] = float(len(self.split.train))
+        metrics["seconds"] = time.perf_counter() - started
+        return shared_weights(nets.parts(), self.cfg.federation.share), metrics
+
+    def _prune_rounds(self, *, keep_from: int) -> None:
+        for path in self.dir.glob("round-*.pt"):
+            match = _ROUND_FILE.search(path.name)
+            if match and int(match.group(1)) < keep_from:
+                path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self, models: dict[str, dict[str, np.ndarray]], *, personalize: bool = False, server_round: int = 0
+    ) -> dict[str, dict[str, float]]:
+        """Test Dice/IoU/HD95 of each named model (shared weights) on this site's test images.
+
+        Args:
+            personalize: with FedBN-style local norms, evaluate the model this site actually uses
+                (received weights + its own normalisation layers after ``server_round``).
+        """
+        results: dict[str, dict[str, float]] = {}
+        test = self.split.test
+        for name, weights in models.items():
+            nets = self._networks("seg-only")
+            state = self.dir / f"round-{server_round:04d}.pt"
+            local_norms = personalize and self.cfg.federation.local_norm and state.is_file()
+            if local_norms:
+                nets.segmenter.load_state_dict(load_checkpoint(state)["networks"]["segmenter"])
+            load_shared_weights({"segmenter": nets.segmenter}, weights, keep_local_norms=local_norms)
+            scores = evaluate_segmenter(
+                nets.segmenter.to(self.device), test.images, test.masks, device=self.device
+            )
+            results[name] = scores.summary()
+        return results
+
+    def baselines(
+        self,
+        initial_weights: dict[str, np.ndarray],
+        global_weights: dict[str, np.ndarray],
+        *,
+        iterations: int,
+        finetune_iterations: int,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Local-only model (same start and budget as the federation, no federation) and, if asked,
+        the global model fine-tuned on site. Returns segmenter weights by model kind."""
+        path = self.dir / "baseline.pt"
+        key = {"iterations": iterations, "finetune_iterations": finetune_iterations}
+        if path.is_file():
+            cached = load_checkpoint(path)
+            if cached.get("key") == key:
+                return cached["models"]
+        out: dict[str, dict[str, np.ndarray]] = {}
+        nets = self._networks()
+        load_shared_weights(nets.parts(), initial_weights)
+        self._trainer(nets).train(iterations)
+        out["local"] = shared_weights(nets.parts(), ["segmenter"])
+        if finetune_iterations > 0:
+            nets = self._networks()
+            trainer = self._trainer(nets)
+            load_shared_weights(nets.parts(), global_weights)
+            trainer.train(finetune_iterations)
+            out["finetuned"] = shared_weights(nets.parts(), ["segmenter"])
+        save_checkpoint({"key": key, "models": out}, path)
+        return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
