@@ -19,6 +19,8 @@ logger = logging.getLogger("genseg_fed")
 
 EPILOG = """\
 examples:
+  genseg-fed simulate --config configs/default.yaml --out runs/demo
+  genseg-fed simulate --set federation.strategy=fedprox --set mlo.mode=aug --out runs/aug
   genseg-fed train-local --config configs/local.yaml --site hospital-a
   genseg-fed train-local --config configs/local.yaml --site /data/my_site --set mlo.mode=aug
   genseg-fed check-site /data/my_site --image-size 128 --channels 3
@@ -77,6 +79,70 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulation import SimulationError, find_app_dir, run_simulation
+
+    cfg = _load(args)  # validate before starting anything
+    out = (args.out or Path("runs") / cfg.name).resolve()
+    config = (args.config or Path(__file__).resolve().parents[1] / "configs" / "default.yaml").resolve()
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    n_nodes = args.supernodes or len(cfg.data.sites) + len(cfg.data.heldout)
+    try:
+        result = run_simulation(
+            app_dir=args.app or find_app_dir(),
+            out_dir=out,
+            num_supernodes=n_nodes,
+            run_config={
+                "config": str(config),
+                "overrides": ";".join(overrides),
+                "out-dir": str(out),
+                "state-dir": str(out / "sites"),
+                "resume": bool(args.resume),
+            },
+            progress=not args.no_progress,
+            timeout=args.timeout,
+            cpus_per_client=args.cpus_per_client,
+        )
+    except SimulationError as exc:
+        print(f"genseg-fed simulate: the run failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"finished in {result.seconds / 60:.1f} min: {out / 'report.md'}")
+    _print_summary(out / "metrics.json")
+    return 0
+
+
+def _print_summary(metrics_path: Path) -> None:
+    """The cross-site Dice table of a finished run, for the terminal."""
+    import json
+
+    if not metrics_path.is_file():
+        return
+    cross = json.loads(metrics_path.read_text()).get("crosssite") or {}
+    if not cross:
+        return
+    sites = [f"{s}*" if s in cross["heldout"] else s for s in cross["sites"]]
+    width = max(len(m) for m in cross["models"]) + 2
+    print("test Dice" + " " * (width - 9) + "".join(f"{s:>13}" for s in sites) + "   (* held-out)")
+    for model, row in zip(cross["models"], cross["dice"], strict=True):
+        cells = "".join(f"{v:13.3f}" if v is not None else f"{'-':>13}" for v in row)
+        print(f"{model:<{width}}{cells}")
+
+
+def cmd_train_pooled(args: argparse.Namespace) -> int:
+    from .local import train_pooled
+
+    cfg = _load(args)
+    out = args.out or Path("runs") / f"pooled-{cfg.mlo.mode}"
+    metrics = train_pooled(cfg, out, progress=not args.no_progress)
+    for site, test in metrics["test"].items():
+        tag = " (held-out)" if site in metrics["heldout"] else ""
+        print(
+            f"{site}{tag}: test Dice {test['dice']:.3f} ± {test['dice_std']:.3f} on {int(test['n'])} images"
+        )
+    print(f"-> {out}/metrics.json")
+    return 0
+
+
 def cmd_check_site(args: argparse.Namespace) -> int:
     from .data import load_site
 
@@ -109,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
+        "simulate",
+        help="federated run on this machine: a real Flower SuperLink with simulated SuperNodes",
+        description="Start a loopback Flower SuperLink in simulation mode, run the genseg-fed ServerApp and one "
+        "virtual SuperNode (ClientApp) per site, wait for the run and stop everything. Writes report.md, "
+        "metrics.json, checkpoint.pt, plots and the Flower logs into --out. With --resume, a stopped run "
+        "continues after its last completed round.",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument(
+        "--supernodes", "-n", type=int, help="virtual SuperNodes (default: one per site in the config)"
+    )
+    p.add_argument("--cpus-per-client", type=int, default=2, help="CPUs Ray gives each ClientApp (default 2)")
+    p.add_argument("--timeout", type=float, help="stop the run after this many seconds")
+    p.add_argument("--app", type=Path, help="Flower app folder (default: this checkout)")
+    p.add_argument("--no-progress", action="store_true", help="stream Flower's log instead of a progress bar")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
         "train-local",
         help="train on one site only (no federation) and evaluate on its test split",
         description="Train GenSeg (or the seg-only / aug baselines, see mlo.mode) on one site. Writes "
@@ -122,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=cmd_train_local)
+
+    p = sub.add_parser(
+        "train-pooled",
+        help="upper-bound baseline: all sites' training images pooled in one place (no federation)",
+        description="Pool every site's train and validation splits, train one model, test it on each site's test "
+        "split and on the held-out sites. This is what federation avoids doing; it bounds what it can reach.",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, help="run folder (default: runs/pooled-<mode>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_pooled)
 
     p = sub.add_parser(
         "check-site",

@@ -13,13 +13,12 @@ images: the cross-site generalisation matrix.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from genseg_fed.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from genseg_fed.config import Config, config_to_dict
@@ -41,6 +41,9 @@ from genseg_fed.fed.protocol import (
 )
 from genseg_fed.fed.weights import check_update, shared_weights, split_part
 from genseg_fed.mlo.trainer import build_networks
+from genseg_fed.privacy.central import central_state, with_central_dp
+from genseg_fed.privacy.site import METRIC_PREFIX, is_declined
+from genseg_fed.progress import ProgressWriter
 
 from .strategy import build_strategy, load_strategy_state, strategy_state
 
@@ -66,23 +69,6 @@ class SiteNode:
     counts: dict[str, float]
     description: str
     simulated_shift: bool
-
-
-@dataclass
-class Progress:
-    """Appends JSON lines to ``progress.jsonl`` for whoever displays progress (``genseg-fed simulate``)."""
-
-    path: Path
-    total: int = 0
-    done: int = field(default=0, init=False)
-
-    def event(self, event: str, **data: Any) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps({"event": event, "time": time.time(), **data}) + "\n")
-
-    def step(self, desc: str) -> None:
-        self.done += 1
-        self.event("step", n=1, desc=desc)
 
 
 def _reason(msg: Message) -> str:
@@ -153,10 +139,10 @@ class Coordinator:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.sites: dict[int, SiteNode] = {}
-        self.strategy = build_strategy(self.fed)
+        self.strategy = with_central_dp(build_strategy(self.fed), cfg.privacy, num_sites=len(cfg.data.sites))
         n_train = len(cfg.data.sites)
         total = self.fed.rounds * (n_train + 1) + (n_train if self.fed.baselines else 0) + 1
-        self.progress = Progress(self.out / "progress.jsonl", total=total)
+        self.progress = ProgressWriter.in_dir(self.out)
 
         if resume and self.ckpt_path.is_file():
             ckpt = load_checkpoint(self.ckpt_path)
@@ -166,6 +152,9 @@ class Coordinator:
             self.weights: dict[str, np.ndarray] = ckpt["weights"]
             self.history: dict[str, Any] = ckpt["history"]
             load_strategy_state(self.strategy, ckpt["strategy_state"])
+            central = self.history.get("privacy", {}).get("central")
+            if central and central.get("accountant"):
+                self.strategy.accountant.load_state_dict(central["accountant"])
             self.history["run"]["resumed_at_round"].append(self.round)
             logger.info("resuming run %s after round %d from %s", self.run_key, self.round, self.ckpt_path)
         else:
@@ -190,8 +179,9 @@ class Coordinator:
                 "sites": {},
                 "rounds": [],
                 "crosssite": None,
+                "privacy": _privacy_header(cfg),
             }
-        self.progress.event("start", total=total, done=self.round * (n_train + 1))
+        self.progress.start(total, desc=f"federated {cfg.mlo.mode}", done=self.round * (n_train + 1))
 
     # ------------------------------------------------------------------ sites
     def _message(self, node_id: int, kind: str, content: RecordDict) -> Message:
@@ -217,7 +207,8 @@ class Coordinator:
         needed = self.fed.min_sites or len(self.cfg.data.sites)
         deadline = time.monotonic() + self.fed.wait_timeout
         while True:
-            self.identify_new_nodes(timeout=max(5.0, min(60.0, self.fed.wait_timeout)))
+            # Nodes answer their first message only after starting up (imports, data): be patient.
+            self.identify_new_nodes(timeout=max(30.0, deadline - time.monotonic()))
             if expected <= {s.name for s in self.sites.values()} or time.monotonic() >= deadline:
                 break
             time.sleep(_POLL_SECONDS)
@@ -278,11 +269,21 @@ class Coordinator:
         }
         train_nodes = self._train_nodes()
         config = self._config(**{"local-iterations": self.fed.local_iterations})
-        messages = list(
-            self.strategy.configure_train(
-                rnd, weights_to_record(self.weights), config, _TrainingNodes(self.grid, train_nodes)
+        try:
+            messages = list(
+                self.strategy.configure_train(
+                    rnd, weights_to_record(self.weights), config, _TrainingNodes(self.grid, train_nodes)
+                )
             )
-        )
+        except PrivacyBudgetExhausted as exc:  # client-level DP: the next release would exceed it
+            record["failures"].append(
+                {
+                    "site": "coordinator",
+                    "stage": "train",
+                    "reason": f"declined: central privacy budget spent ({exc})",
+                }
+            )
+            messages = []
 
         def on_reply(reply: Message) -> None:
             self.progress.step(
@@ -293,6 +294,12 @@ class Coordinator:
         accepted = []
         for reply in replies:
             name = self._site_name(reply.metadata.src_node_id)
+            if self._declined(reply):
+                record.setdefault("declined", {})[name] = metrics_from_record(
+                    reply.content.metric_records["metrics"]
+                )
+                logger.info("round %d: %s declined: privacy budget spent", rnd, name)
+                continue
             problem = self._screen(reply)
             if problem:
                 record["failures"].append({"site": name, "stage": "train", "reason": problem})
@@ -328,6 +335,7 @@ class Coordinator:
         )
         self.progress.step(f"round {rnd}/{self.fed.rounds}: evaluated")
         record["seconds"] = time.perf_counter() - started
+        self._record_privacy(record)
         self.history["rounds"].append(record)
         self.history["crosssite"] = None  # computed again for the final model
         self.round = rnd
@@ -336,6 +344,34 @@ class Coordinator:
             k: round(v.get("global", {}).get("dice", float("nan")), 3) for k, v in record["evaluate"].items()
         }
         logger.info("round %d/%d done in %.0f s; test Dice %s", rnd, self.fed.rounds, record["seconds"], dice)
+
+    def _declined(self, reply: Message) -> bool:
+        """A site that declines (privacy budget spent) replies with metrics only, flagged ``declined``."""
+        if reply.has_error() or reply.content.array_records or reply.content.config_records:
+            return False
+        records = reply.content.metric_records
+        return set(records) == {"metrics"} and is_declined(metrics_from_record(records["metrics"]))
+
+    def _record_privacy(self, record: dict[str, Any]) -> None:
+        """Each site's ``dp-*`` numbers of this round (trained or declined) into ``history["privacy"]``."""
+        privacy = self.history.setdefault("privacy", _privacy_header(self.cfg))
+        rnd = record["round"]
+        declined = record.get("declined", {})
+        for name, metrics in [*record["train"].items(), *declined.items()]:
+            values = {k[len(METRIC_PREFIX) :]: v for k, v in metrics.items() if k.startswith(METRIC_PREFIX)}
+            if not values:
+                continue
+            site = privacy["sites"].setdefault(name, {"rounds": []})
+            site["epsilon_target"] = values.get("epsilon-target")
+            site["delta"] = values.get("delta")
+            status = "declined: privacy budget spent" if name in declined else "trained"
+            site["rounds"] = [r for r in site["rounds"] if r["round"] != rnd]
+            site["rounds"].append({"round": rnd, "status": status, **values})
+        central = central_state(self.strategy)
+        if central is not None:
+            rounds = [r for r in privacy["central"].get("rounds", []) if r["round"] != rnd]
+            rounds.append({"round": rnd, "epsilon": central["epsilon"], "aggregated": record["aggregated"]})
+            privacy["central"] = {**central, "rounds": rounds}
 
     def _screen(self, reply: Message) -> str | None:
         if reply.has_error():
@@ -407,6 +443,15 @@ class Coordinator:
                 if reply.has_error():
                     failures.append({"site": name, "stage": "baseline", "reason": _reason(reply)})
                     continue
+                if self._declined(reply):
+                    failures.append(
+                        {
+                            "site": name,
+                            "stage": "baseline",
+                            "reason": "declined: not covered by its privacy budget",
+                        }
+                    )
+                    continue
                 for kind, record in reply.content.array_records.items():
                     models[f"{kind}:{name}"] = record_to_weights(record)
             failures += [
@@ -467,7 +512,7 @@ class Coordinator:
         self.history["samples"] = sample_dirs
         write_json_atomic(self.history, self.out / "metrics.json")
         report = write_report(self.history, self.out)
-        self.progress.event("done", report=str(report))
+        self.progress.done()
         return report
 
     def _sample_path(self, site: str) -> Path | None:
@@ -476,6 +521,20 @@ class Coordinator:
             return None
         path = self.site_state_dir / _safe(self.run_key) / _safe(site) / "samples.png"
         return path if path.is_file() else None
+
+
+def _privacy_header(cfg: Config) -> dict[str, Any]:
+    """What ``history["privacy"]`` holds before any round: the modes and each site's target."""
+    p = cfg.privacy
+    return {
+        "sample_level": p.enabled,
+        "central_mode": p.central,
+        "targets": {
+            s.name: dict(zip(("epsilon", "delta"), p.budget(s.name), strict=True)) for s in cfg.data.sites
+        },
+        "sites": {},
+        "central": {},
+    }
 
 
 def _safe(name: str) -> str:

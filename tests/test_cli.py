@@ -111,3 +111,21 @@ def test_bad_input_is_one_clear_line(argv: list[str], message: str, capsys) -> N
 def test_check_site_summarises_a_good_folder(site_folder: Path, capsys) -> None:
     assert main(["check-site", str(site_folder), "--image-size", "32"]) == 0
     assert "10 images" in capsys.readouterr().out
+
+
+def test_train_pooled_tests_every_site(site_folder: Path, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    cfg = {
+        "data": {
+            "sites": [{"name": "one", "source": "folder", "path": str(site_folder)}],
+            "heldout": [{"name": "two", "source": "folder", "path": str(site_folder)}],
+        }
+    }
+    path = tmp_path / "pooled.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "pooled"
+    assert main(["train-pooled", "--config", str(path), "--out", str(out), "--no-progress", *_args()]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"one", "two"} and metrics["heldout"] == ["two"]
+    assert "two (held-out)" in capsys.readouterr().out

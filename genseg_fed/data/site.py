@@ -97,6 +97,21 @@ class SiteData:
     def image_size(self) -> int:
         return int(self.images.shape[-1])
 
+    @classmethod
+    def concat(cls, parts: Sequence[SiteData], name: str) -> SiteData:
+        """Pool several sites' records (ids and groups get a ``<site>/`` prefix so they stay unique)."""
+        if not parts:
+            raise DataError(f"'{name}': nothing to pool")
+        return cls(
+            name=name,
+            images=np.concatenate([p.images for p in parts]),
+            masks=np.concatenate([p.masks for p in parts]),
+            ids=tuple(f"{p.name}/{i}" for p in parts for i in p.ids),
+            groups=tuple(f"{p.name}/{g}" for p in parts for g in p.groups),
+            simulated_shift=any(p.simulated_shift for p in parts),
+            description="pooled: " + "; ".join(f"{p.name} ({len(p)})" for p in parts),
+        )
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> SiteData:
         """A copy holding only the records at ``indices`` (in that order); may be empty."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)

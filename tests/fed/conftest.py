@@ -93,7 +93,7 @@ TINY_CONFIG = {
         "disc_layers": 2,
     },
     "mlo": {"batch_size": 2},
-    "federation": {"rounds": 2, "local_iterations": 2, "wait_timeout": 5.0, "round_timeout": 120.0},
+    "federation": {"rounds": 2, "local_iterations": 2, "wait_timeout": 60.0, "round_timeout": 120.0},
 }
 
 
@@ -114,6 +114,26 @@ def _write_site(root: Path, name: str, seed: int, shift: float) -> Path:
     return root / name
 
 
+def write_tiny_experiment(
+    root: Path, *, sites: int = 2, heldout: int = 1, overrides: dict | None = None
+) -> Path:
+    """Tiny folder sites under ``root/data`` and an experiment YAML using them; returns the YAML path."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    specs = []
+    for i in range(sites + heldout):
+        name = f"site-{chr(ord('a') + i)}"
+        path = _write_site(root / "data", name, seed=i, shift=0.15 * i)
+        specs.append({"name": name, "source": "folder", "path": str(path)})
+    cfg["data"]["sites"] = specs[:sites]
+    cfg["data"]["heldout"] = specs[sites:]
+    for key, value in (overrides or {}).items():
+        section, _, leaf = key.partition(".")
+        cfg[section][leaf] = value
+    path = root / "experiment.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture
 def tiny_federation(tmp_path: Path) -> Callable[..., tuple[dict, InProcessGrid, Path]]:
     """``make(sites=2, heldout=1, **overrides)`` -> (config dict, grid, out dir)."""
@@ -124,19 +144,8 @@ def tiny_federation(tmp_path: Path) -> Callable[..., tuple[dict, InProcessGrid, 
         overrides: dict | None = None,
         intercept: Callable[[int, Message], Message | None] | None = None,
     ) -> tuple[dict, InProcessGrid, Path]:
-        cfg = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
-        specs = []
-        for i in range(sites + heldout):
-            name = f"site-{chr(ord('a') + i)}"
-            path = _write_site(tmp_path / "data", name, seed=i, shift=0.15 * i)
-            specs.append({"name": name, "source": "folder", "path": str(path)})
-        cfg["data"]["sites"] = specs[:sites]
-        cfg["data"]["heldout"] = specs[sites:]
-        for key, value in (overrides or {}).items():
-            section, _, leaf = key.partition(".")
-            cfg[section][leaf] = value
-        path = tmp_path / "experiment.yaml"
-        path.write_text(yaml.safe_dump(cfg))
+        path = write_tiny_experiment(tmp_path, sites=sites, heldout=heldout, overrides=overrides)
+        cfg = yaml.safe_load(path.read_text())
         out = tmp_path / "run"
         run_config = {
             "config": str(path),
@@ -148,5 +157,15 @@ def tiny_federation(tmp_path: Path) -> Callable[..., tuple[dict, InProcessGrid, 
             100 + i: {"partition-id": i, "num-partitions": sites + heldout} for i in range(sites + heldout)
         }
         return cfg, InProcessGrid(node_configs, run_config, intercept=intercept), out
+
+    return make
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path: Path) -> Callable[..., Path]:
+    """``make(sites=2, heldout=1, overrides=None)`` -> path of a tiny experiment YAML (real PNG sites)."""
+
+    def make(**kwargs) -> Path:
+        return write_tiny_experiment(tmp_path, **kwargs)
 
     return make
