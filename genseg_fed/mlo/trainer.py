@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from ..models import (
     build_segmenter,
     generator_hyper_parameters,
 )
-from .hypergrad import segmenter_hypergradient
+from .hypergrad import HyperGradient, segmenter_hypergradient
 from .losses import SegmentationLoss
 from .steps import Proximal, gan_step, segmenter_step
 
@@ -147,6 +147,42 @@ class GenSegTrainer:
     def _synthetic_masks(self, masks: torch.Tensor) -> torch.Tensor:
         return self.augmenter(masks.repeat(self.mlo.synthetic_per_real, 1, 1, 1))
 
+    def _hypergradient(
+        self, images: torch.Tensor, masks: torch.Tensor, syn_masks: torch.Tensor
+    ) -> tuple[HyperGradient, torch.Tensor]:
+        """Level III: the exact hypergradient on (real + synthetic) pairs; also returns the
+        synthetic images of the first unrolled batch (still attached to the generator)."""
+        mlo, nets = self.mlo, self.nets
+        syn_images = nets.generator(syn_masks)  # attached: level III differentiates through it
+        batches = [(torch.cat([images, syn_images]), torch.cat([masks, syn_masks]))]
+        for _ in range(mlo.unroll_steps - 1):
+            more_images, more_masks = self._sample()
+            more_syn = self._synthetic_masks(more_masks)
+            batches.append(
+                (
+                    torch.cat([more_images, nets.generator(more_syn)]),
+                    torch.cat([more_masks, more_syn]),
+                )
+            )
+        hg = segmenter_hypergradient(
+            nets.segmenter,
+            self.loss_fn,
+            train_batches=batches,
+            val_images=self.val_images,
+            val_masks=self.val_masks,
+            hyper_params=list(self.hyper_params.values()),
+            inner_lr=mlo.inner_lr,
+            n_fixed=images.shape[0],  # the real pairs do not depend on the generator
+        )
+        return hg, syn_images
+
+    def _apply_hypergradient(self, grads: Sequence[torch.Tensor]) -> None:
+        """Level III update of the generator's hyper-parameters along ``grads``."""
+        self.opt_hyper.zero_grad(set_to_none=True)
+        for p, g in zip(self.hyper_params.values(), grads, strict=True):
+            p.grad = g
+        self.opt_hyper.step()
+
     def step(self, proximal: Mapping[str, Proximal] | None = None) -> dict[str, float]:
         """One GenSeg iteration; returns losses and per-level seconds.
 
@@ -182,31 +218,8 @@ class GenSegTrainer:
             syn_masks = self._synthetic_masks(masks)
             if mlo.mode == "genseg" and self.iteration % mlo.hyper_every == 0:
                 t0 = time.perf_counter()
-                syn_images = nets.generator(syn_masks)  # attached: level III differentiates through it
-                batches = [(torch.cat([images, syn_images]), torch.cat([masks, syn_masks]))]
-                for _ in range(mlo.unroll_steps - 1):
-                    more_images, more_masks = self._sample()
-                    more_syn = self._synthetic_masks(more_masks)
-                    batches.append(
-                        (
-                            torch.cat([more_images, nets.generator(more_syn)]),
-                            torch.cat([more_masks, more_syn]),
-                        )
-                    )
-                hg = segmenter_hypergradient(
-                    nets.segmenter,
-                    self.loss_fn,
-                    train_batches=batches,
-                    val_images=self.val_images,
-                    val_masks=self.val_masks,
-                    hyper_params=list(self.hyper_params.values()),
-                    inner_lr=mlo.inner_lr,
-                    n_fixed=images.shape[0],  # the real pairs do not depend on the generator
-                )
-                self.opt_hyper.zero_grad(set_to_none=True)
-                for p, g in zip(self.hyper_params.values(), hg.grads, strict=True):
-                    p.grad = g
-                self.opt_hyper.step()
+                hg, syn_images = self._hypergradient(images, masks, syn_masks)
+                self._apply_hypergradient(hg.grads)
                 seg_grads = hg.first_step_grads
                 out["loss_val_unrolled"] = hg.val_loss
                 out["hypergrad_norm"] = float(torch.sqrt(sum(g.pow(2).sum() for g in hg.grads)))

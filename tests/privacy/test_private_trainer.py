@@ -1,0 +1,223 @@
+"""PrivateGenSegTrainer: what enters each private update, its noise, its ledger, restarts and budgets."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import opacus.optimizers.optimizer as opacus_optimizer
+import pytest
+import torch
+
+import genseg_fed.privacy.trainer as private_trainer
+from genseg_fed.config import AugmentConfig, MLOConfig, ModelConfig, PrivacyConfig
+from genseg_fed.data import MaskAugmenter, SiteData
+from genseg_fed.mlo.trainer import GenSegTrainer, build_networks
+from genseg_fed.privacy import BudgetSpent, PrivateGenSegTrainer
+
+SIZE = 32
+TINY = ModelConfig(seg_features=(8, 16, 32), gen_features=8, gen_depth=2, disc_features=8, disc_layers=2)
+
+
+def _site(n: int, seed: int, slices: int = 1) -> SiteData:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 1, SIZE, SIZE), np.float32)
+    for i in range(n):
+        r, c = rng.integers(6, 20, size=2)
+        masks[i, 0, r : r + 8, c : c + 10] = 1
+    images = (masks * 1.2 - 0.6 + 0.1 * rng.standard_normal(masks.shape)).astype(np.float32)
+    ids = tuple(f"img{i}" for i in range(n))
+    groups = tuple(f"patient{i // slices}" for i in range(n))
+    return SiteData(name="tiny", images=images, masks=masks, ids=ids, groups=groups)
+
+
+def _trainer(
+    mode: str = "genseg",
+    *,
+    privacy: PrivacyConfig | None = None,
+    epsilon: float = 8.0,
+    planned: int = 10,
+    slices: int = 1,
+    n: int = 6,
+    **mlo: object,
+) -> PrivateGenSegTrainer:
+    torch.manual_seed(0)
+    cfg = MLOConfig(mode=mode, batch_size=3, **mlo)
+    nets = build_networks(TINY, channels=1, image_size=SIZE, mode=mode)
+    return PrivateGenSegTrainer(
+        cfg,
+        nets,
+        _site(n, 0, slices),
+        _site(2, 1),
+        MaskAugmenter(AugmentConfig(), seed=0),
+        device=torch.device("cpu"),
+        privacy=privacy or PrivacyConfig(enabled=True),
+        epsilon=epsilon,
+        delta=1e-5,
+        planned_iterations=planned,
+        noise_seed=7,
+    )
+
+
+def _spy_on_clipping(trainer: PrivateGenSegTrainer) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Record, for every DP-SGD update, the per-record gradients Opacus clips and what it summed."""
+    seen: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in trainer._dp_opts}
+    for name, opt in trainer._dp_opts.items():
+        original = opt.clip_and_accumulate
+
+        def spy(opt=opt, original=original, name=name) -> None:
+            samples = [g.detach().clone() for g in opt.grad_samples]
+            original()
+            summed = [p.summed_grad.detach().clone() for p in opt.params]
+            seen[name].append({"samples": samples, "summed": summed})
+
+        opt.clip_and_accumulate = spy
+    return seen
+
+
+@pytest.mark.parametrize(("clip", "slices"), [(1e-3, 1), (1e-3, 2), (1e3, 1)])
+def test_every_record_gradient_entering_levels_1_and_2_is_clipped(clip: float, slices: int) -> None:
+    privacy = PrivacyConfig(
+        enabled=True, noise_multiplier=0.0, clip_disc=clip, clip_gen=clip, clip_seg=clip, clip_hyper=clip
+    )
+    trainer = _trainer(privacy=privacy, slices=slices, n=8, epsilon=float("inf"))
+    seen = _spy_on_clipping(trainer)
+    sampled: list[int] = []
+    poisson = trainer._poisson
+
+    def counting_poisson():
+        batch = poisson()
+        sampled.append(batch.n_records)
+        return batch
+
+    trainer._poisson = counting_poisson
+    trainer.train(2)
+    assert [len(v) for v in seen.values()] == [2, 2, 2], "disc, gen and seg each updated once per iteration"
+    per_update = iter(sampled)  # order of draws per iteration: disc, gen, seg
+    for it in range(2):
+        for name in ("disc", "gen", "seg"):
+            update = seen[name][it]
+            n_records = next(per_update)
+            samples = update["samples"]
+            # one gradient per RECORD (patient), not per row: synthetic rows and slices are merged
+            assert all(s.shape[0] == n_records for s in samples)
+            if n_records == 0:
+                continue
+            norms = torch.stack([s.reshape(n_records, -1).norm(dim=1) for s in samples], dim=1).norm(dim=1)
+            factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+            clipped_norms = factors * norms
+            assert (clipped_norms <= clip * (1 + 1e-5)).all(), f"{name}: a record exceeds the clip norm"
+            for s, total in zip(samples, update["summed"], strict=True):
+                torch.testing.assert_close(torch.einsum("i,i...", factors, s), total, rtol=1e-4, atol=1e-7)
+            if clip < 1:
+                assert torch.allclose(clipped_norms, torch.full_like(norms, clip), rtol=1e-4)
+
+
+def test_level3_update_is_clipped_to_its_norm() -> None:
+    clip = 1e-6  # far below the hypergradient's norm
+    privacy = PrivacyConfig(enabled=True, noise_multiplier=0.0, clip_hyper=clip)
+    trainer = _trainer(privacy=privacy, epsilon=float("inf"))
+    released = []
+    base_apply = GenSegTrainer._apply_hypergradient
+
+    def capture(self, grads):
+        released.append([g.detach().clone() for g in grads])
+        base_apply(self, grads)
+
+    GenSegTrainer._apply_hypergradient = capture
+    try:
+        out = trainer.train(2)
+    finally:
+        GenSegTrainer._apply_hypergradient = base_apply
+    assert len(released) == 2 and out["hypergrad_norm"] > 10 * clip
+    for grads in released:
+        norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        assert norm == pytest.approx(clip, rel=1e-4)
+
+
+def test_each_mechanism_adds_noise_of_multiplier_times_sensitivity(monkeypatch) -> None:
+    privacy = PrivacyConfig(
+        enabled=True,
+        noise_multiplier=1.5,
+        level3_noise_ratio=2.0,
+        clip_disc=0.3,
+        clip_gen=4.0,
+        clip_seg=0.7,
+        clip_hyper=0.05,
+    )
+    trainer = _trainer(privacy=privacy, epsilon=float("inf"))
+    opacus_stds: list[float] = []
+    real_noise = opacus_optimizer._generate_noise
+
+    def record_opacus(std, reference, generator=None, secure_mode=False):
+        opacus_stds.append(std)
+        return real_noise(std, reference, generator, secure_mode)
+
+    level3_args: list[tuple[float, float]] = []
+    real_clip_and_noise = private_trainer.clip_and_noise
+
+    def record_level3(grads, *, clip, noise_multiplier, generator):
+        level3_args.append((clip, noise_multiplier))
+        return real_clip_and_noise(grads, clip=clip, noise_multiplier=noise_multiplier, generator=generator)
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", record_opacus)
+    monkeypatch.setattr(private_trainer, "clip_and_noise", record_level3)
+    trainer.step()
+    m = trainer.mechanisms
+    # Opacus noises every parameter tensor with std = sigma * C of its optimizer
+    sizes = [len(trainer._dp_opts[n].params) for n in ("disc", "gen", "seg")]
+    expected = [0.45] * sizes[0] + [6.0] * sizes[1] + [1.05] * sizes[2]  # in update order
+    assert opacus_stds == pytest.approx(expected)
+    assert [m[n].noise_std for n in ("disc", "gen", "seg")] == pytest.approx([0.45, 6.0, 1.05])
+    # level III: clip_and_noise adds std = sigma_III * 2 * C3 (tested statistically in test_mechanisms)
+    assert level3_args == [(0.05, 3.0)]
+    assert m["hyper"].sensitivity == 0.1 and m["hyper"].noise_std == pytest.approx(0.3)
+
+
+def test_ledger_counts_every_release() -> None:
+    trainer = _trainer(hyper_every=2)
+    trainer.train(3)
+    assert {n: trainer.accountant.steps(n) for n in ("disc", "gen", "seg", "hyper")} == {
+        "disc": 3,
+        "gen": 3,
+        "seg": 3,
+        "hyper": 2,
+    }
+    seg_only = _trainer("seg-only")
+    seg_only.train(3)
+    assert set(seg_only.mechanisms) == {"seg"} and seg_only.accountant.steps() == 3
+
+
+def test_accountant_and_training_survive_a_restart() -> None:
+    a = _trainer()
+    a.train(1)
+    state = copy.deepcopy(a.state_dict())
+    eps_1, history_1 = a.epsilon(), a.accountant.history
+    a.train(1)
+    b = _trainer()
+    b.load_state_dict(state)
+    assert b.epsilon() == eps_1 and b.accountant.history == history_1
+    b.train(1)
+    assert b.epsilon() == a.epsilon() > eps_1
+    for part, net in a.nets.parts().items():
+        for (name, p), q in zip(
+            net.state_dict().items(), b.nets.parts()[part].state_dict().values(), strict=True
+        ):
+            torch.testing.assert_close(p, q, msg=f"{part}.{name} differs after restart (same noise expected)")
+
+
+def test_calibrated_noise_spends_exactly_the_budget_then_the_trainer_refuses() -> None:
+    trainer = _trainer("seg-only", epsilon=3.0, planned=4)
+    assert trainer.check_budget(4) <= 3.0
+    trainer.train(4)
+    assert trainer.epsilon() == pytest.approx(3.0, rel=0.02) and trainer.epsilon() <= 3.0
+    with pytest.raises(BudgetSpent, match="privacy budget spent") as info:
+        trainer.check_budget(1)
+    assert info.value.report["epsilon"] == trainer.epsilon()
+    assert info.value.report["epsilon-next"] > 3.0
+
+
+def test_smaller_budget_means_more_noise() -> None:
+    sigmas = [_trainer("seg-only", epsilon=e).mechanisms["seg"].noise_multiplier for e in (1.0, 3.0, 8.0)]
+    assert sigmas[0] > sigmas[1] > sigmas[2] > 0
+    assert _trainer("seg-only", epsilon=float("inf")).mechanisms["seg"].noise_multiplier == 0.0
