@@ -22,6 +22,9 @@ from genseg_fed.fed.protocol import (
 )
 from genseg_fed.fed.runconfig import experiment_config, site_for_node, site_state_dir
 from genseg_fed.fed.site import SiteSession
+from genseg_fed.privacy import BudgetSpent
+from genseg_fed.privacy.central import central_clipping_mod
+from genseg_fed.privacy.site import declined_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,23 @@ def _session(msg: Message, context: Context) -> SiteSession:
     site = site_for_node(cfg, context.node_config)
     run_key = str(msg.content.config_records["config"]["run-key"])
     state_dir = site_state_dir(context.run_config, context.node_config)
-    return SiteSession(cfg, site.spec, site.role, state_dir, run_key=run_key)
+    # A hospital may set its own privacy budget: --node-config 'epsilon=3.0 delta=1e-6'.
+    node = context.node_config
+    return SiteSession(
+        cfg,
+        site.spec,
+        site.role,
+        state_dir,
+        run_key=run_key,
+        epsilon=float(node["epsilon"]) if "epsilon" in node else None,
+        delta=float(node["delta"]) if "delta" in node else None,
+    )
+
+
+def _declined(msg: Message, exc: BudgetSpent) -> Message:
+    """No weights: only the privacy numbers and ``declined = 1`` (see genseg_fed.privacy.site)."""
+    logger.info("%s", exc)
+    return Message(RecordDict({"metrics": metrics_to_record(declined_metrics(exc.report))}), reply_to=msg)
 
 
 @app.query()
@@ -52,16 +71,19 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": site, "counts": counts}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One federated round of local GenSeg training."""
+    """One federated round of local GenSeg training (or a decline once the privacy budget is spent)."""
     config = msg.content.config_records["config"]
-    weights, metrics = _session(msg, context).train_round(
-        record_to_weights(msg.content.array_records["arrays"]),
-        server_round=int(config["server-round"]),
-        iterations=int(config["local-iterations"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
+    try:
+        weights, metrics = _session(msg, context).train_round(
+            record_to_weights(msg.content.array_records["arrays"]),
+            server_round=int(config["server-round"]),
+            iterations=int(config["local-iterations"]),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+    except BudgetSpent as exc:
+        return _declined(msg, exc)
     content = RecordDict({"arrays": weights_to_record(weights), "metrics": metrics_to_record(metrics)})
     return Message(content, reply_to=msg)
 
@@ -70,12 +92,15 @@ def train(msg: Message, context: Context) -> Message:
 def train_baselines(msg: Message, context: Context) -> Message:
     """Local-only (and fine-tuned) segmenters for the cross-site comparison."""
     config = msg.content.config_records["config"]
-    models = _session(msg, context).baselines(
-        record_to_weights(msg.content.array_records["initial"]),
-        record_to_weights(msg.content.array_records["global"]),
-        iterations=int(config["iterations"]),
-        finetune_iterations=int(config["finetune-iterations"]),
-    )
+    try:
+        models = _session(msg, context).baselines(
+            record_to_weights(msg.content.array_records["initial"]),
+            record_to_weights(msg.content.array_records["global"]),
+            iterations=int(config["iterations"]),
+            finetune_iterations=int(config["finetune-iterations"]),
+        )
+    except BudgetSpent as exc:
+        return _declined(msg, exc)
     content = RecordDict({kind: weights_to_record(w) for kind, w in models.items()})
     return Message(content, reply_to=msg)
 

@@ -9,6 +9,12 @@ On-site state (per run key, so a resumed run finds it and a new run starts clean
     <state_dir>/<run_key>/<site>/round-0003.pt   trainer state after round 3 (the last two are kept)
     <state_dir>/<run_key>/<site>/baseline.pt     local-only and fine-tuned segmenters
     <state_dir>/<run_key>/<site>/samples.png     mask | synthetic | real | prediction (never sent)
+    <state_dir>/<run_key>/<site>/privacy.json    with privacy.enabled: secret noise seed, released rounds
+
+With ``privacy.enabled`` the site trains with :class:`~genseg_fed.privacy.PrivateGenSegTrainer`
+(its accountant lives in the round state), declines a round that would exceed its budget
+(:class:`~genseg_fed.privacy.BudgetSpent`) and does not send local-only baselines (another release
+of the same records that no budget covers).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from ..data.site import stable_seed
 from ..evaluation.metrics import evaluate_segmenter
 from ..local import write_samples
 from ..mlo.trainer import GenSegTrainer, Networks, build_networks
+from ..privacy import BudgetSpent
+from ..privacy.site import CENTRAL_WEIGHT, ReleaseLog, privacy_metrics, weights_digest
 from ..runtime import resolve_device
 from .weights import load_shared_weights, shared_weights, split_part
 
@@ -63,7 +71,17 @@ class SiteSession:
         run_key: identifies the run across coordinator restarts.
     """
 
-    def __init__(self, cfg: Config, spec: SiteSpec, role: str, state_dir: Path, *, run_key: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        spec: SiteSpec,
+        role: str,
+        state_dir: Path,
+        *,
+        run_key: str,
+        epsilon: float | None = None,
+        delta: float | None = None,
+    ) -> None:
         self.cfg = cfg
         self.spec = spec
         self.role = role
@@ -84,6 +102,10 @@ class SiteSession:
             empty = data.subset([])
             self.split = SiteSplit(train=empty, val=empty, test=data)
         self.seed = cfg.seed * 1000 + stable_seed(spec.name) % 1000
+        # Privacy budget: the node's own setting (deployment) wins over the experiment's.
+        cfg_eps, cfg_delta = cfg.privacy.budget(spec.name)
+        self.epsilon = cfg_eps if epsilon is None else float(epsilon)
+        self.delta = cfg_delta if delta is None else float(delta)
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> SiteIdentity:
@@ -106,17 +128,30 @@ class SiteSession:
             self.cfg.model, channels=self.cfg.data.channels, image_size=self.cfg.data.image_size, mode=mode
         )
 
-    def _trainer(self, nets: Networks) -> GenSegTrainer:
+    def _trainer(self, nets: Networks, *, noise_seed: int | None = None) -> GenSegTrainer:
         if self.role != "train":
             raise RuntimeError(f"site '{self.spec.name}' is a held-out site: it never trains")
-        return GenSegTrainer(
+        args = (
             self.cfg.mlo,
             nets,
             self.split.train,
             self.split.val,
             MaskAugmenter(self.cfg.augment, seed=self.seed),
+        )
+        if not self.cfg.privacy.enabled:
+            return GenSegTrainer(*args, device=self.device, seed=self.seed)
+        from ..privacy.trainer import PrivateGenSegTrainer  # imports Opacus: only when private
+
+        fed = self.cfg.federation
+        return PrivateGenSegTrainer(
+            *args,
             device=self.device,
             seed=self.seed,
+            privacy=self.cfg.privacy,
+            epsilon=self.epsilon,
+            delta=self.delta,
+            planned_iterations=fed.rounds * fed.local_iterations,
+            noise_seed=noise_seed,
         )
 
     def train_round(
@@ -135,8 +170,13 @@ class SiteSession:
         """
         started = time.perf_counter()
         nets = self._networks()
-        trainer = self._trainer(nets)
         previous = self.dir / f"round-{server_round - 1:04d}.pt"
+        releases = digest = None
+        if self.cfg.privacy.enabled:
+            releases = ReleaseLog(self.dir / "privacy.json")
+            digest = weights_digest(global_weights)
+            releases.check(server_round, digest, previous_state=previous.is_file())
+        trainer = self._trainer(nets, noise_seed=releases.seed if releases else None)
         if previous.is_file():
             trainer.load_state_dict(load_checkpoint(previous))
         elif server_round > 1:
@@ -163,9 +203,21 @@ class SiteSession:
                 )
                 for part in ("segmenter", "generator")
             }
+        private = self.cfg.privacy.enabled
+        if private:
+            try:
+                trainer.check_budget(iterations)
+            except BudgetSpent:
+                # Carry the ledger forward so that later rounds see the same spent budget.
+                save_checkpoint(trainer.state_dict(), self.dir / f"round-{server_round:04d}.pt")
+                self._prune_rounds(keep_from=server_round - 1)
+                logger.info("site %s declines round %d: privacy budget spent", self.spec.name, server_round)
+                raise
         stats = trainer.train(iterations, proximal=proximal)
         save_checkpoint(trainer.state_dict(), self.dir / f"round-{server_round:04d}.pt")
         self._prune_rounds(keep_from=server_round - 1)
+        if releases is not None:
+            releases.record(server_round, digest)
         write_samples(
             self.dir / "samples.png",
             nets,
@@ -174,8 +226,16 @@ class SiteSession:
             title=f"{self.spec.name}, round {server_round}",
         )
         metrics = {k: float(v) for k, v in stats.items()}
-        metrics["num-examples"] = float(len(self.split.train))
         metrics["seconds"] = time.perf_counter() - started
+        if private and not self.cfg.privacy.send_losses:
+            # Losses read private records and timings reveal Poisson batch sizes: kept on site.
+            logger.info("site %s round %d (kept on site): %s", self.spec.name, server_round, metrics)
+            metrics = {}
+        if private:
+            metrics.update(privacy_metrics(trainer.report()))
+        if self.cfg.privacy.central != "none":
+            metrics[CENTRAL_WEIGHT] = 1.0  # client-level DP needs an unweighted mean
+        metrics["num-examples"] = float(len(self.split.train))
         return shared_weights(nets.parts(), self.cfg.federation.share), metrics
 
     def _prune_rounds(self, *, keep_from: int) -> None:
@@ -219,6 +279,12 @@ class SiteSession:
     ) -> dict[str, dict[str, np.ndarray]]:
         """Local-only model (same start and budget as the federation, no federation) and, if asked,
         the global model fine-tuned on site. Returns segmenter weights by model kind."""
+        if self.cfg.privacy.enabled:
+            raise BudgetSpent(
+                f"site '{self.spec.name}' sends no local-only baselines under sample-level DP: they would be "
+                "another release of its records that its budget does not cover",
+                {},
+            )
         path = self.dir / "baseline.pt"
         key = {"iterations": iterations, "finetune_iterations": finetune_iterations}
         if path.is_file():

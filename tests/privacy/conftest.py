@@ -1,0 +1,15 @@
+"""Privacy tests reuse the in-process federation of tests/fed (real ClientApp and Coordinator)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "_fed_conftest", Path(__file__).parents[1] / "fed" / "conftest.py"
+)
+_fed = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fed)
+
+tiny_federation = _fed.tiny_federation
+write_tiny_experiment = _fed.write_tiny_experiment
