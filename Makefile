@@ -16,8 +16,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: $(BIN)/.installed  ## GenSeg on the embedded data (one site until the federation lands), writes runs/demo/
-	$(BIN)/genseg-fed train-local --config configs/default.yaml --site hospital-a --out runs/demo
+demo: $(BIN)/.installed  ## federated simulation on the embedded data, writes runs/demo/report.md
+	$(BIN)/genseg-fed simulate --config configs/default.yaml --out runs/demo
 
 test: $(BIN)/.installed  ## lint, format check and the whole test suite (slow end-to-end tests included)
 	$(BIN)/ruff check .

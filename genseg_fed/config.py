@@ -180,7 +180,7 @@ class FederationConfig:
     """How the coordinator aggregates and what travels between sites and server."""
 
     rounds: int = field(default=5, metadata=_min(1))
-    local_iterations: int = field(default=40, metadata=_min(1))
+    local_iterations: int = field(default=30, metadata=_min(1))
     strategy: StrategyName = "fedavg"
     proximal_mu: float = field(default=0.01, metadata=_min(0.0))  # FedProx
     server_lr: float = field(default=0.01, metadata=_min(0.0))  # FedAdam eta
