@@ -1,84 +1,26 @@
 """A tiny federation for fast tests: real ClientApp and Coordinator, messages delivered in-process.
 
-``InProcessGrid`` stands in for the SuperLink's transport only: every message is handled by the real
-``client.client_app.app`` with a real Flower ``Context``; replies are kept in ``sent`` so tests can
-inspect exactly what each site sent. The real Flower runtimes (simulation and deployment) are
+``InProcessGrid`` (:mod:`server.inprocess`) stands in for the SuperLink's transport only: every message is
+handled by the real ``client.client_app.app`` with a real Flower ``Context``; replies are kept in ``sent``
+so tests can inspect exactly what each site sent. The real Flower runtimes (simulation and deployment) are
 exercised by the slow end-to-end tests.
 """
 
 from __future__ import annotations
 
-import traceback
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Message
 
 from client.client_app import app as client_app
 from genseg_fed.data import SiteData, write_site_folder
+from server.inprocess import SERVER_NODE, InProcessGrid
 
-SERVER_NODE = 0
-
-
-class InProcessGrid:
-    """Grid-compatible transport that runs the ClientApp synchronously for each message."""
-
-    def __init__(
-        self,
-        node_configs: dict[int, dict],
-        run_config: dict,
-        *,
-        intercept: Callable[[int, Message], Message | None] | None = None,
-    ) -> None:
-        self.node_configs = dict(node_configs)
-        self.run_config = run_config
-        self.intercept = intercept  # (node id, reply) -> replacement reply, to play a bad actor
-        self.contexts = {n: self._context(n) for n in self.node_configs}
-        self.sent: list[tuple[int, Message]] = []  # every reply a site sent
-        self._outbox: dict[str, Message] = {}
-        TaskIdentity.run_id = 1
-        TaskIdentity.task_id = 1
-        TaskIdentity.node_id = SERVER_NODE
-
-    def _context(self, node: int) -> Context:
-        return Context(1, node, self.node_configs[node], RecordDict(), self.run_config)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_configs)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            msg.metadata.__dict__["_src_node_id"] = SERVER_NODE
-            node = msg.metadata.dst_node_id
-            if node not in self.contexts:
-                ids.append("")
-                continue
-            TaskIdentity.node_id = node
-            try:
-                reply = client_app(msg, self.contexts[node])
-            except Exception as exc:  # what the SuperNode does: an error reply, not a crash
-                reason = f"{traceback.format_exc()}\n{type(exc).__name__}: {exc}"
-                reply = Message(Error(code=2, reason=reason), reply_to=msg)
-            finally:
-                TaskIdentity.node_id = SERVER_NODE
-            if self.intercept is not None:
-                reply = self.intercept(node, reply) or reply
-            self.sent.append((node, reply))
-            self._outbox[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._outbox.pop(m) for m in list(message_ids) if m in self._outbox]
-
+__all__ = ["SERVER_NODE", "InProcessGrid", "tiny_experiment", "tiny_federation", "write_tiny_experiment"]
 
 SIZE = 32
 TINY_CONFIG = {
@@ -156,7 +98,7 @@ def tiny_federation(tmp_path: Path) -> Callable[..., tuple[dict, InProcessGrid, 
         node_configs = {
             100 + i: {"partition-id": i, "num-partitions": sites + heldout} for i in range(sites + heldout)
         }
-        return cfg, InProcessGrid(node_configs, run_config, intercept=intercept), out
+        return cfg, InProcessGrid(client_app, node_configs, run_config, intercept=intercept), out
 
     return make
 
