@@ -73,6 +73,11 @@ class SiteSpec:
     ``<key>_images`` / ``<key>_masks`` in the file at ``path``) or ``mni152`` (the embedded
     default: slices of the MNI152 brain template shipped in nilearn, with a *simulated*
     acquisition ``profile``). ``path`` may use ``~`` and ``$VARS``.
+
+    For ``npz`` sites, ``records`` (``"start:stop"``, Python slice syntax) keeps only those records
+    (images or volumes) of the file, so one file can be split into several sites, and ``profile``
+    applies a *simulated* acquisition profile (``genseg_fed.data.mni152.PROFILES``) on top of the
+    real images; the site is then marked as having a simulated shift.
     """
 
     name: str
@@ -80,7 +85,30 @@ class SiteSpec:
     path: str | None = None
     key: str | None = None  # array prefix inside an .npz, e.g. "PH2"
     orientation: Orientation = "axial"  # slicing axis for volumes
-    profile: str | None = None  # simulated acquisition profile (mni152 only)
+    profile: str | None = None  # simulated acquisition profile (mni152; npz: on top of the real images)
+    records: str | None = None  # npz only: "start:stop[:step]" slice of the file's records (images / volumes)
+
+    def __post_init__(self) -> None:
+        if self.records is not None:
+            self.record_slice()
+
+    def record_slice(self) -> slice:
+        """``records`` as a ``slice`` (all records when unset); ConfigError on a malformed value."""
+        if self.records is None:
+            return slice(None)
+        parts = self.records.split(":")
+        try:
+            if not 2 <= len(parts) <= 3:
+                raise ValueError
+            values = [int(p) if p.strip() else None for p in parts]
+        except ValueError:
+            raise ConfigError(
+                f"site '{self.name}': records {self.records!r} must look like 'start:stop' or 'start:stop:step' "
+                "(integers, Python slice syntax, e.g. '0:52')"
+            ) from None
+        if len(values) == 3 and values[2] is not None and values[2] < 1:
+            raise ConfigError(f"site '{self.name}': records step must be >= 1, got {values[2]}")
+        return slice(*values)
 
     def resolved_path(self) -> Path:
         """``path`` with ``~`` and environment variables expanded; clear error if unset."""

@@ -8,6 +8,12 @@
   binary, or integer labels (then foreground = label > 0, and the description says so);
 * ``<key>_ids`` (optional): one id per image or volume; default ``<key>-0000``, ``<key>-0001``, ...
 
+``spec.records`` (``"start:stop"``) keeps only those records (images or volumes) of the file, so one
+file can make several sites. ``spec.profile`` names a *simulated* acquisition profile
+(:data:`genseg_fed.data.mni152.PROFILES`) applied on top of the real images (for volumes, its
+``thickness`` first averages neighbouring slices, then the 2D effects apply to every slice); such a
+site reports ``simulated_shift`` and says so in its description.
+
 Works for the shared sets (``ph2_skin_128.npz`` key ``PH2``, ``dermis_dermquest_skin_128.npz``
 keys ``DermIS`` / ``DermQuest``, ``drive_vessels_*.npz`` key ``DRIVE``, ``msd_hippocampus_3d.npz``
 keys ``train`` / ``val``). Volumes are sliced along ``spec.orientation`` in stored axis order
@@ -18,6 +24,7 @@ image (per volume) by its 0.5th..99.5th percentile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zipfile
 from pathlib import Path
@@ -25,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from genseg_fed.config import ConfigError, EmptyMaskPolicy, SiteSpec
+from genseg_fed.data.mni152 import AcquisitionProfile, get_profile, simulate_acquisition, thicken
 from genseg_fed.data.site import (
+    ORIENTATION_AXIS,
     DataError,
     SiteData,
     label_values,
@@ -34,6 +43,7 @@ from genseg_fed.data.site import (
     resize_images,
     resize_masks,
     slice_volume,
+    stable_seed,
     to_channels,
 )
 
@@ -73,10 +83,40 @@ def load_npz_site(
         raw_ids = archive[f"{spec.key}_ids"] if f"{spec.key}_ids" in archive.files else None
     where = f"site '{spec.name}': {path} key '{spec.key}'"
     ids = _ids(raw_ids, len(images), spec.key, where)
+    if spec.records is not None:
+        try:
+            chosen = spec.record_slice()
+        except ConfigError as exc:
+            raise DataError(str(exc)) from exc
+        if not range(len(ids))[chosen]:
+            raise DataError(f"{where}: records {spec.records!r} selects none of its {len(ids)} records")
+        images, masks, ids = images[chosen], masks[chosen], ids[chosen]
+    profile = None
+    if spec.profile is not None:
+        try:
+            profile = get_profile(spec.profile)
+        except DataError as exc:
+            raise DataError(f"site '{spec.name}': {exc}") from None
     is_volume = masks.ndim == 4 and masks.shape == images.shape and masks.shape[-1] != 1
     if is_volume:
-        return _volumes(spec, path, images, masks, ids, image_size, channels, where)
-    return _images(spec, path, images, masks, ids, image_size, channels, empty_masks, where)
+        data = _volumes(spec, path, images, masks, ids, image_size, channels, where, profile)
+    else:
+        data = _images(spec, path, images, masks, ids, image_size, channels, empty_masks, where, profile)
+    notes = f" (records {spec.records})" if spec.records is not None else ""
+    if profile is not None:
+        notes += f"; SIMULATED acquisition profile '{spec.profile}' (the domain shift is simulated, not real)"
+    return dataclasses.replace(
+        data, simulated_shift=profile is not None, description=data.description + notes
+    )
+
+
+def _simulate(
+    images: np.ndarray, spec: SiteSpec, profile: AcquisitionProfile | None, *parts: object
+) -> np.ndarray:
+    """The profile's 2D effects on ``(N, C, S, S)`` images, seeded by the site, profile and ``parts``."""
+    if profile is None:
+        return images
+    return simulate_acquisition(images, profile, seed=stable_seed("npz", spec.name, spec.profile, *parts))
 
 
 def _npz_path(spec: SiteSpec) -> Path:
@@ -118,6 +158,7 @@ def _images(
     channels: int,
     empty_masks: EmptyMaskPolicy,
     where: str,
+    profile: AcquisitionProfile | None = None,
 ) -> SiteData:
     if masks.ndim == 4 and masks.shape[-1] == 1:
         masks = masks[..., 0]
@@ -151,7 +192,7 @@ def _images(
     skipped = int(empty.sum()) if empty_masks == "skip" else 0
     return SiteData(
         name=spec.name,
-        images=resize_images(to_channels(pixels, channels), image_size),
+        images=_simulate(resize_images(to_channels(pixels, channels), image_size), spec, profile),
         masks=small[kept],
         ids=tuple(ids[i] for i in kept),
         groups=tuple(ids[i] for i in kept),
@@ -171,13 +212,18 @@ def _volumes(
     image_size: int,
     channels: int,
     where: str,
+    profile: AcquisitionProfile | None = None,
 ) -> SiteData:
     foreground = mask_foreground(labels, where=where, multilabel=True)
+    axis = ORIENTATION_AXIS[spec.orientation]
     out_images, out_masks, out_ids, out_groups = [], [], [], []
     skipped = 0
     for v, volume_id in enumerate(ids):
+        volume = (
+            volumes[v] if profile is None else thicken(volumes[v], axis=axis, thickness=profile.thickness)
+        )
         images, masks, slice_ids, dropped = slice_volume(
-            volumes[v],
+            volume,
             foreground[v],
             orientation=spec.orientation,
             image_size=image_size,
@@ -186,7 +232,7 @@ def _volumes(
         )
         skipped += dropped
         if slice_ids:
-            out_images.append(images)
+            out_images.append(_simulate(images, spec, profile, volume_id))
             out_masks.append(masks)
             out_ids += slice_ids
             out_groups += [volume_id] * len(slice_ids)

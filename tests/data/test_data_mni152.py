@@ -84,7 +84,9 @@ def test_unknown_profile_lists_valid_names(profile):
 
 
 def test_profile_registry():
-    assert set(PROFILES) == {"scanner-a", "scanner-b", "scanner-c", "scanner-d"}
+    scanners = {"scanner-a", "scanner-b", "scanner-c", "scanner-d"}  # the embedded MNI152 sites
+    volumes = {"mri-a", "mri-b", "mri-c", "mri-d"}  # for real volumes split into sites (npz)
+    assert set(PROFILES) == scanners | volumes
     assert isinstance(get_profile("scanner-b"), AcquisitionProfile)
     with pytest.raises(DataError):
         get_profile("nope")
