@@ -77,14 +77,25 @@ def _privacy_section(history: Mapping[str, Any], out: Path) -> list[str]:
         header = ["round", "site", "status", "epsilon", "target", "delta", "q"]
         header += [f"{m}: sigma / C" for m in _MECHANISMS]
         lines.append(format_table(header, rows))
+        lines += [
+            "",
+            "sigma: noise multiplier (noise std / L2 sensitivity); C: clipping norm. The sensitivity is C for the "
+            "per-record clipped updates (disc, gen, seg; Poisson rate q) and 2C for the whole level-III update "
+            "(hyper; no sampling).",
+        ]
         curves = {
             name: [(r["round"], r["epsilon"]) for r in site["rounds"] if r.get("epsilon") is not None]
             for name, site in sites.items()
         }
-        for name, site in sites.items():
-            target, rounds = site.get("epsilon_target"), [r["round"] for r in site["rounds"]]
-            if target is not None and math.isfinite(target) and rounds:
-                curves[f"{name} target"] = [(min(rounds), target), (max(rounds), target)]
+        rounds = [r["round"] for site in sites.values() for r in site["rounds"]]
+        targets = {n: s.get("epsilon_target") for n, s in sites.items()}
+        targets = {n: t for n, t in targets.items() if t is not None and math.isfinite(t)}
+        if rounds and targets:
+            span = (min(rounds), max(rounds))
+            if len(set(targets.values())) == 1:  # one line for a shared budget
+                targets = {"all sites": next(iter(targets.values()))}
+            for name, target in targets.items():
+                curves[f"target ({name})"] = [(span[0], target), (span[1], target)]
         if any(curves.values()):
             plot_curves(
                 out / "epsilon_per_round.png",
