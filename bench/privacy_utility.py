@@ -6,7 +6,7 @@
 
 Every run is the same federated experiment (default: the embedded MNI152 sites, genseg mode, the
 same seed); only the per-site budget changes. ``inf`` is GenSeg-Fed without DP. Sites run the real
-ClientApp in this process (the transport of tests/fed/conftest.py: no SuperLink, same messages).
+ClientApp in this process (``server.inprocess.InProcessGrid``: no SuperLink, same messages).
 Writes ``<out>/privacy_utility.json`` and prints a markdown table: mean test Dice over the training
 sites' test images and on the held-out site, epsilon spent per site and the calibrated noise.
 """
@@ -20,59 +20,18 @@ import os
 import platform
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app as client_app
 from genseg_fed.fed.runconfig import experiment_config
 from server.federation import run_federation
+from server.inprocess import InProcessGrid
 
 QUICK = ["federation.rounds=3", "federation.local_iterations=8"]
-
-
-class InProcessGrid:
-    """Delivers each message to the real ClientApp in this process (one Context per site)."""
-
-    def __init__(self, n_nodes: int, run_config: dict[str, Any]) -> None:
-        self.run_config = run_config
-        self.contexts = {
-            100 + i: Context(
-                1, 100 + i, {"partition-id": i, "num-partitions": n_nodes}, RecordDict(), run_config
-            )
-            for i in range(n_nodes)
-        }
-        self._outbox: dict[str, Message] = {}
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Any) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            msg.metadata.__dict__["_src_node_id"] = 0
-            node = msg.metadata.dst_node_id
-            TaskIdentity.node_id = node
-            try:
-                reply = client_app(msg, self.contexts[node])
-            except Exception as exc:  # what a SuperNode does: an error reply
-                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            finally:
-                TaskIdentity.node_id = 0
-            self._outbox[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Any) -> list[Message]:
-        return [self._outbox.pop(m) for m in list(message_ids) if m in self._outbox]
 
 
 def run_one(
@@ -96,7 +55,10 @@ def run_one(
         "out-dir": str(out),
     }
     cfg = experiment_config(run_config)
-    grid = InProcessGrid(len(cfg.data.sites) + len(cfg.data.heldout), run_config)
+    n_nodes = len(cfg.data.sites) + len(cfg.data.heldout)
+    grid = InProcessGrid.for_partitions(
+        client_app, n_nodes=n_nodes, run_config=run_config, keep_replies=False
+    )
     started = time.perf_counter()
     run_federation(grid, cfg, out, site_state_dir=out / "sites")
     seconds = time.perf_counter() - started
