@@ -86,15 +86,23 @@ def train_local(
     nets = build_networks(
         cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size, mode=cfg.mlo.mode
     )
-    trainer = GenSegTrainer(
-        cfg.mlo,
-        nets,
-        split.train,
-        split.val,
-        MaskAugmenter(cfg.augment, seed=cfg.seed),
-        device=device,
-        seed=cfg.seed,
-    )
+    args = (cfg.mlo, nets, split.train, split.val, MaskAugmenter(cfg.augment, seed=cfg.seed))
+    trainer: GenSegTrainer
+    if cfg.privacy.enabled:
+        from .privacy.trainer import PrivateGenSegTrainer  # imports Opacus: only when private
+
+        epsilon, delta = cfg.privacy.budget(site.name)
+        trainer = PrivateGenSegTrainer(
+            *args,
+            device=device,
+            seed=cfg.seed,
+            privacy=cfg.privacy,
+            epsilon=epsilon,
+            delta=delta,
+            planned_iterations=cfg.mlo.iterations,
+        )
+    else:
+        trainer = GenSegTrainer(*args, device=device, seed=cfg.seed)
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
         trainer.load_state_dict(load_checkpoint(ckpt))
@@ -130,6 +138,7 @@ def train_local(
         "simulated_shift": split.train.simulated_shift,
         "train_last_chunk": train_stats,
         "val_loss": trainer.validation_loss() if len(split.val) else None,
+        "privacy": trainer.report() if cfg.privacy.enabled else None,
         "test": scores.summary(),
         "test_per_image": {
             "ids": list(split.test.ids),

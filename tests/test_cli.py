@@ -129,3 +129,15 @@ def test_train_pooled_tests_every_site(site_folder: Path, tmp_path: Path, capsys
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) == {"one", "two"} and metrics["heldout"] == ["two"]
     assert "two (held-out)" in capsys.readouterr().out
+
+
+def test_train_local_with_differential_privacy_reports_epsilon(site_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dp"
+    extra = ("--set", "privacy.enabled=true", "--set", "privacy.epsilon=8", "--set", "mlo.mode=seg-only")
+    assert (
+        main(["train-local", "--site", str(site_folder), "--out", str(out), "--no-progress", *_args(*extra)])
+        == 0
+    )
+    dp = json.loads((out / "metrics.json").read_text())["privacy"]
+    assert 0 < dp["epsilon"] <= 8.0 + 1e-6 and dp["epsilon-target"] == 8.0
+    assert dp["noise-seg"] > 0 and dp["clip-seg"] == 1.0
