@@ -27,10 +27,10 @@ from typing import Any
 
 from bench.common import (
     DATASETS,
-    FULL,
     METHODS,
     QUICK,
     REFERENCE,
+    SIZES,
     Estimate,
     StudyOutput,
     ci,
@@ -217,7 +217,10 @@ def _plot(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the < 20 min size on 2 CPU cores (see QUICK)")
+    ap.add_argument("--quick", action="store_true", help="the < 20 min size on 2 CPU cores (= --size quick)")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default="full", help="quick | medium | full (see bench/common.py)"
+    )
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--ns", nargs="+", type=int, default=None, help="labelled training images per site")
@@ -234,9 +237,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     setup_runtime(args.threads)
-    size = QUICK if args.quick else FULL
+    size = QUICK if args.quick else SIZES[args.size]
     root = args.out or Path("bench/results") / size.name
-    datasets = [get_dataset(d) for d in (args.datasets or (QUICK_DATASETS if args.quick else FULL_DATASETS))]
+    datasets = [
+        get_dataset(d) for d in (args.datasets or (QUICK_DATASETS if size.name != "full" else FULL_DATASETS))
+    ]
     methods = [m for m in METHODS if m in args.methods]
     if REFERENCE not in methods:
         methods.insert(0, REFERENCE)  # paired differences need it

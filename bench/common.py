@@ -244,7 +244,10 @@ QUICK = Size(
     seeds=(0, 1, 2),
     ns=(9,),
 )
+# the configs' own budget (5 rounds x 30 local iterations) at the quick geometry: ~1 h on 2 loaded CPU cores
+MEDIUM = Size("medium", ("data.image_size=32",), seeds=(0, 1, 2), ns=(9,))
 FULL = Size("full", (), seeds=(0, 1, 2, 3, 4), ns=(9, 20, 50))  # the configs' own size and budget
+SIZES = {s.name: s for s in (QUICK, MEDIUM, FULL)}
 
 
 # ----------------------------------------------------------------------------------------- run store

@@ -27,11 +27,11 @@ from typing import Any
 
 from bench.common import (
     DATASETS,
-    FULL,
     GENSEG,
     METHODS,
     QUICK,
     REFERENCE,
+    SIZES,
     Estimate,
     StudyOutput,
     command_line,
@@ -206,7 +206,10 @@ def _plot(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the < 20 min size on 2 CPU cores")
+    ap.add_argument("--quick", action="store_true", help="the < 20 min size on 2 CPU cores (= --size quick)")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default="full", help="quick | medium | full (see bench/common.py)"
+    )
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=[REFERENCE, GENSEG])
     ap.add_argument("--ns", nargs="+", type=int, default=None)
@@ -217,26 +220,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--out", type=Path, default=None, help="results folder (default bench/results/<quick|full>)"
     )
+    ap.add_argument(
+        "--others-at-base-only",
+        action="store_true",
+        help=f"run methods other than {REFERENCE} only at N = {BASE_N} (enough for the factor; cheaper)",
+    )
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
 
     setup_runtime(args.threads)
-    size = QUICK if args.quick else FULL
+    size = QUICK if args.quick else SIZES[args.size]
     root = args.out or Path("bench/results") / size.name
-    datasets = [get_dataset(d) for d in (args.datasets or (QUICK_DATASETS if args.quick else FULL_DATASETS))]
+    datasets = [
+        get_dataset(d) for d in (args.datasets or (QUICK_DATASETS if size.name != "full" else FULL_DATASETS))
+    ]
     methods = list(dict.fromkeys([REFERENCE, GENSEG, *args.methods]))
-    ns = sorted(set(args.ns or (QUICK_NS if args.quick else FULL_NS)) | {BASE_N})
+    ns = sorted(set(args.ns or (FULL_NS if size.name == "full" else QUICK_NS)) | {BASE_N})
     started = time.perf_counter()
-    results = run_grid(
-        root,
-        datasets,
-        size,
-        jobs_for(methods),
-        ns,
-        args.seeds or size.seeds,
-        extra=[f"device={args.device}", *args.extra],
-        progress=args.progress,
-    )
+    extra = [f"device={args.device}", *args.extra]
+    seeds = args.seeds or size.seeds
+    if args.others_at_base_only:  # the reference curve over N, every other method only at N = 9
+        results = run_grid(
+            root, datasets, size, jobs_for([REFERENCE]), ns, seeds, extra=extra, progress=args.progress
+        )
+        others = [m for m in methods if m not in jobs_for([REFERENCE])[0].yields]
+        results += run_grid(
+            root, datasets, size, jobs_for(others), [BASE_N], seeds, extra=extra, progress=args.progress
+        )
+    else:
+        results = run_grid(
+            root, datasets, size, jobs_for(methods), ns, seeds, extra=extra, progress=args.progress
+        )
     shown = [m for m in METHODS if m in {m for r in results for m in r["methods"]}]
     out = StudyOutput(root, "data_efficiency").folder
     summary = summarise(results, out, methods=shown)
