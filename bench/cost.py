@@ -18,6 +18,8 @@ study continues; ``--redo`` measures again):
 4. **scaling**: ``seg-only`` federations of 3, 10 and 30 hospitals (MNI152 slices; the simulated acquisition
    profiles and orientations repeat) for 2 rounds: round time as measured (sites run one after another in
    this transport) and the parallel estimate a real deployment would see (slowest site + coordinator).
+5. **loading**: seconds to load each site's data (skin, MNI152, MSD hippocampus sites), which the ClientApp
+   does for every message it handles.
 """
 
 from __future__ import annotations
@@ -230,6 +232,47 @@ def measure_rounds(out: Path, size: dict[str, Any], *, device: str, progress: bo
     return rows
 
 
+# ----------------------------------------------------------------------------------------- 5. data loading
+
+LOAD_CONFIGS = {
+    "skin (npz, 128 px images)": REPO / "configs/skin3.yaml",
+    "mni152 (template slices)": DEFAULT,
+    "hippo (npz volumes, simulated profiles)": REPO / "bench/configs/hippo-sites.yaml",
+}
+
+
+def measure_loading(out: Path, size: dict[str, Any], *, repeats: int = 2) -> list[dict[str, Any]]:
+    """Seconds to load each site as the ClientApp does for every message it handles (``load_site``)."""
+    from genseg_fed.config import load_config
+    from genseg_fed.data import load_site
+
+    rows = []
+    for label, path in LOAD_CONFIGS.items():
+        cfg = load_config(path, size["size"])
+        for spec in [*cfg.data.sites, *cfg.data.heldout]:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                data = load_site(
+                    spec,
+                    image_size=cfg.data.image_size,
+                    channels=cfg.data.channels,
+                    empty_masks=cfg.data.empty_masks,
+                )
+                times.append(time.perf_counter() - t0)
+            rows.append(
+                {
+                    "dataset": label,
+                    "site": spec.name,
+                    "images": len(data),
+                    "seconds_min": min(times),
+                    "seconds_max": max(times),
+                }
+            )
+    write_json(rows, out / "loading.json")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- 4. scaling
 
 
@@ -298,6 +341,7 @@ def _plot_scaling(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     ks = [r["hospitals"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -308,6 +352,7 @@ def _plot_scaling(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("seconds per round")
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -347,6 +392,7 @@ def tables(
     memory: list[dict[str, Any]],
     rounds: list[dict[str, Any]],
     scaling: list[dict[str, Any]],
+    loading: list[dict[str, Any]] | None = None,
 ) -> str:
     meta = step["meta"]
     mem = {m["mode"]: m for m in memory}
@@ -391,6 +437,19 @@ def tables(
             body,
         ),
     ]
+    if loading:
+        text += [
+            "",
+            "### Loading a site's data (done by the ClientApp for every message it handles)",
+            "",
+            markdown_table(
+                ["dataset", "site", "images", "seconds (fastest of 2)", "seconds (slowest of 2)"],
+                [
+                    [r["dataset"], r["site"], r["images"], fmt(r["seconds_min"], 2), fmt(r["seconds_max"], 2)]
+                    for r in loading
+                ],
+            ),
+        ]
     if scaling:
         text += [
             "",
@@ -429,8 +488,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--parts",
         nargs="+",
-        choices=["step", "memory", "rounds", "scaling"],
-        default=["step", "memory", "rounds", "scaling"],
+        choices=["step", "memory", "rounds", "scaling", "loading"],
+        default=["step", "memory", "rounds", "scaling", "loading"],
     )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
@@ -452,7 +511,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = (args.out or Path("bench/results") / ("quick" if args.quick else "full")) / "cost"
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    previous = out / "summary.json"
+    # seconds each part took when it was measured (kept across invocations that reuse its file)
+    timings: dict[str, float] = (
+        json.loads(previous.read_text())["meta"].get("part_seconds", {}) if previous.is_file() else {}
+    )
 
     def part(name: str, file: str, fn: Any) -> Any:
         path = out / file
@@ -482,11 +545,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "scaling.json",
         lambda: measure_scaling(out, size, device=args.device, progress=args.progress),
     )
+    loading = part("loading", "loading.json", lambda: measure_loading(out, size))
     if step:
         _plot_steps(step, out / "step_cost.png")
     if scaling:
         _plot_scaling(scaling, out / "round_time_vs_hospitals.png")
-    text = tables(step, memory or [], rounds or [], scaling or []) if step else ""
+    text = tables(step, memory or [], rounds or [], scaling or [], loading or []) if step else ""
     (out / "tables.md").write_text(text)
     meta = {
         "command": command_line(),

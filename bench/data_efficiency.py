@@ -169,6 +169,7 @@ def _plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (target, label) in zip(axes, TARGETS.items(), strict=True):
@@ -194,6 +195,7 @@ def _plot(
                 ax.axvline(f["interpolated"] * BASE_N, ls=":", color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xticks(list(ns), [str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("labelled training images per site (N)")
         ax.set_title(label)
     axes[0].set_ylabel("test Dice (mean ± std over seeds)")

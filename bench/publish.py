@@ -3,8 +3,9 @@
     python bench/publish.py                                   # bench/results/quick -> docs/results/quick
     python bench/publish.py --src bench/results/full --dst docs/results/full
 
-Only ``*.md``, ``*.csv``, ``*.json`` and ``*.png`` of each study folder are copied; the per-run folders
-(checkpoints, site states) stay in the results folder.
+Only ``*.md``, ``*.csv``, ``*.json`` and ``*.png`` directly in each study folder (and its ``per_volume/``)
+are copied. Run folders (checkpoints, site states, each site's ``samples.png``, which shows the site's
+images: the data sets' licences do not allow republishing them) stay in the results folder.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ def publish(src: Path, dst: Path) -> list[Path]:
         folder = src / study
         if not folder.is_dir():
             continue
-        for path in sorted(folder.rglob("*")):
+        for path in sorted([*folder.glob("*"), *folder.glob("per_volume/*")]):
             rel = path.relative_to(folder)
-            if path.is_file() and path.suffix in SUFFIXES and "runs" not in rel.parts:
+            if path.is_file() and path.suffix in SUFFIXES and path.name != "samples.png":
                 target = dst / study / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
