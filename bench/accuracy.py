@@ -234,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--out", type=Path, default=None, help="results folder (default bench/results/<quick|full>)"
     )
     ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs (done / to do) and stop")
     args = ap.parse_args(argv)
 
     setup_runtime(args.threads)
@@ -252,6 +253,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "size_overrides": list(size.overrides),
         "machine": machine_info(args.threads),
     }
+    if args.dry_run:
+        run_grid(
+            root,
+            datasets,
+            size,
+            jobs_for(methods),
+            args.ns or size.ns,
+            args.seeds or size.seeds,
+            dry_run=True,
+        )
+        return
     results = run_grid(
         root,
         datasets,

@@ -672,8 +672,12 @@ def run_grid(
     *,
     extra: Sequence[str] = (),
     progress: bool = True,
+    dry_run: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every ``(dataset, job, N, seed)`` (N beyond what a dataset allows is skipped); finished runs load."""
+    """Run every ``(dataset, job, N, seed)`` (N beyond what a dataset allows is skipped); finished runs load.
+
+    ``dry_run``: only print the plan (runs finished and still to do) and return no results.
+    """
     from tqdm.auto import tqdm
 
     plan = []
@@ -686,6 +690,15 @@ def run_grid(
                 )
                 continue
             plan += [(dataset, job, n, seed) for seed in seeds for job in jobs]
+    if dry_run:
+        done = [
+            p for p in plan if (RunKey(p[0].name, p[1].name, p[2], p[3]).folder(root) / RESULT_FILE).is_file()
+        ]
+        for dataset, job, n, seed in plan:
+            state = "done" if (dataset, job, n, seed) in done else "to do"
+            print(f"{state:6} {dataset.name} {job.name} N={n} seed={seed}")
+        print(f"{len(plan)} runs in {root}: {len(done)} done, {len(plan) - len(done)} to do")
+        return []
     results = []
     with tqdm(total=len(plan), desc="runs", position=0, dynamic_ncols=True, disable=not progress) as bar:
         for dataset, job, n, seed in plan:

@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"run methods other than {REFERENCE} only at N = {BASE_N} (enough for the factor; cheaper)",
     )
     ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs (done / to do) and stop")
     args = ap.parse_args(argv)
 
     setup_runtime(args.threads)
@@ -241,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     extra = [f"device={args.device}", *args.extra]
     seeds = args.seeds or size.seeds
+    if args.dry_run:
+        run_grid(root, datasets, size, jobs_for(methods), ns, seeds, dry_run=True)
+        return
     if args.others_at_base_only:  # the reference curve over N, every other method only at N = 9
         results = run_grid(
             root, datasets, size, jobs_for([REFERENCE]), ns, seeds, extra=extra, progress=args.progress
