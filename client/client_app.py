@@ -12,6 +12,7 @@ from dataclasses import asdict
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from genseg_fed.fed.packing import packing_mod
 from genseg_fed.fed.protocol import (
     BASELINE_ACTION,
     MODEL_PREFIX,
@@ -28,7 +29,7 @@ from genseg_fed.privacy.site import declined_metrics
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+app = ClientApp(mods=[packing_mod])  # weights travel as one flat array per record (fed/packing.py)
 
 
 def _session(msg: Message, context: Context) -> SiteSession:

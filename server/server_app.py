@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from genseg_fed.fed.packing import PackingGrid, packing_enabled
 from genseg_fed.fed.runconfig import experiment_config
 
 from .federation import run_federation
@@ -39,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     state = str(context.run_config.get("state-dir", ""))
     logger.info("run %s: writing the run folder to %s", cfg.name, out_dir)
     report = run_federation(
-        grid,
+        PackingGrid(grid) if packing_enabled() else grid,  # one object per weight record (fed/packing.py)
         cfg,
         out_dir,
         resume=bool(context.run_config.get("resume", False)),
