@@ -102,7 +102,11 @@ def exchange(
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
-            pending.discard(reply.metadata.reply_to_message_id)
+            mid = reply.metadata.reply_to_message_id
+            pending.discard(mid)
+            if reply.has_error() and mid in dst and reply.metadata.src_node_id != dst[mid]:
+                # The SuperLink answers for a node it lost (e.g. "Node Unavailable"): name that node.
+                reply.metadata.__dict__["_src_node_id"] = dst[mid]
             replies.append(reply)
             if on_reply:
                 on_reply(reply)

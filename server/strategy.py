@@ -11,15 +11,18 @@ fedadam        server-side adaptive optimiser (``federation.server_lr``); can co
 =============  ================================================================================
 
 ``federation.robust`` replaces the weighted mean by a coordinate-wise median (FedMedian) or a
-trimmed mean (FedTrimmedAvg, 20% trimmed at each end), which bound the influence of one poisoned
-update at some cost in accuracy when all sites are honest.
+trimmed mean (FedTrimmedAvg, 20% trimmed at each end, and at least one update at each end once
+three or more arrive), which bound the influence of one poisoned update at some cost in accuracy
+when all sites are honest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
 from genseg_fed.config import FederationConfig
@@ -37,12 +40,33 @@ _SAMPLING = {
 _STATE_ATTRS = ("m_t", "v_t")  # FedAdam moments
 
 
+class TrimmedAvg(FedTrimmedAvg):
+    """FedTrimmedAvg that trims at least one update at each end when 3 or more arrive.
+
+    Flower trims ``int(beta * n)`` updates at each end: with ``beta = 0.2`` and fewer than 5 sites
+    that is none at all, a plain mean that one poisoned site can move arbitrarily far.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        n = sum(1 for r in replies if not r.has_error())
+        beta = self.beta
+        if n >= 3 and int(beta * n) < 1:
+            self.beta = min(0.49, 1.000001 / n)  # exactly one at each end
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self.beta = beta
+
+
 def build_strategy(fed: FederationConfig) -> Strategy:
     """The Flower strategy for this experiment."""
     if fed.robust == "median":
         return FedMedian(**_SAMPLING)
     if fed.robust == "trimmed_mean":
-        return FedTrimmedAvg(beta=0.2, **_SAMPLING)
+        return TrimmedAvg(beta=0.2, **_SAMPLING)
     if fed.strategy == "fedavg":
         return FedAvg(**_SAMPLING)
     if fed.strategy == "fedprox":
