@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import Config, ConfigError, SiteSpec, config_to_dict, load_config
+from .deploy.cli import add_commands as add_deploy_commands
 
 __all__ = ["main"]
 
@@ -25,6 +26,7 @@ examples:
   genseg-fed train-local --config configs/local.yaml --site /data/my_site --set mlo.mode=aug
   genseg-fed check-site /data/my_site --image-size 128 --channels 3
   genseg-fed show-config --config configs/default.yaml --set data.n_train=20
+  genseg-fed certs init --out certs --san fl.example.org     (deployment: see deploy/README.md)
 
 A site folder holds images/ and masks/ with matching file names (PNG, JPG, TIFF, BMP or NIfTI).
 Every config key can be overridden with --set section.key=value (values are YAML).
@@ -76,6 +78,11 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         f"IoU {test['iou']:.3f}, HD95 {test['hd95']:.1f} px on {int(test['n'])} images "
         f"({metrics['iterations']} iterations, {metrics['train_seconds']:.0f} s) -> {out}/metrics.json"
     )
+    if metrics.get("privacy"):
+        dp = metrics["privacy"]
+        print(
+            f"differential privacy: epsilon {dp['epsilon']:.2f} (target {dp['epsilon-target']:.2f}), delta {dp['delta']:g}"
+        )
     return 0
 
 
@@ -237,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show-config", help="print the resolved config (file + overrides) as YAML")
     _add_config_args(p)
     p.set_defaults(func=cmd_show_config)
+
+    add_deploy_commands(sub)  # certs, superlink, supernode, submit, status (see deploy/README.md)
     return parser
 
 
