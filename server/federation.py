@@ -290,8 +290,9 @@ class Coordinator:
             messages = []
 
         def on_reply(reply: Message) -> None:
+            outcome = "failed" if reply.has_error() else "trained"
             self.progress.step(
-                f"round {rnd}/{self.fed.rounds}: {self._site_name(reply.metadata.src_node_id)} trained"
+                f"round {rnd}/{self.fed.rounds}: {self._site_name(reply.metadata.src_node_id)} {outcome}"
             )
 
         replies, missing = exchange(self.grid, messages, timeout=self.fed.round_timeout, on_reply=on_reply)

@@ -129,36 +129,40 @@ def test_unregistered_key_is_refused(fed: LocalFederation) -> None:
 def test_hospital_killed_mid_round_is_recorded_and_rejoins_next_round(
     fed: LocalFederation, tmp_path: Path
 ) -> None:
-    """SIGKILL a hospital while it trains round 1: the round completes with the other hospital after
-    ``round_timeout``, the report names the dead one, and once restarted (same key) it trains again.
+    """SIGKILL a hospital while it trains round 1 and restart it at once (same key, same state): round 1
+    completes with the other hospital, the report names the dead one, and the restarted one trains again.
 
-    It is restarted only once round 1 gave up on it, so round 2 may still find it starting up (the
-    SuperLink then answers "Node Unavailable" at once); by round 3 it is back for sure."""
+    Round 1 gives up on the killed instance after ``round_timeout`` (its message died with it), or earlier
+    if the SuperLink has already declared the node unavailable (missed heartbeats, when the restart was
+    slow); either way the failure is recorded and the round goes on."""
     _all_online(fed)
     victim, timeout = "site-b", 45
     out = tmp_path / "run"
     seen = fed.log_text(victim).count("Receiving: train message")
-    overrides = f"federation.rounds=3;{FAST};federation.min_sites=1;federation.round_timeout={timeout}"
+    overrides = (
+        f"federation.rounds=3;{FAST};federation.local_iterations=10;"  # 10: the kill lands mid-training
+        f"federation.min_sites=1;federation.round_timeout={timeout}"
+    )
     run_id = fed.submit({"config": str(fed.experiment), "out-dir": str(out), "overrides": overrides})  # type: ignore[attr-defined]
     deadline = time.monotonic() + 300
     while fed.log_text(victim).count("Receiving: train message") == seen:  # it is training round 1
         assert time.monotonic() < deadline, f"{victim} never received its round-1 training message"
         time.sleep(0.2)
     fed.kill_supernode(victim)  # SIGKILL: no goodbye to the SuperLink, which still lists it as online
-    progress = out / "progress.jsonl"
-    while f"{victim} did not reply" not in (progress.read_text() if progress.exists() else ""):
-        assert time.monotonic() < deadline + timeout, "the round did not give up on the dead hospital"
-        time.sleep(0.5)
     fed.start_supernode(victim, fed.data[victim])  # type: ignore[attr-defined] # same key, same state
     info = fed.wait(run_id, RUN_TIMEOUT)
     assert info["status"] == "finished:completed", info
     first, *later = read_metrics(out)["rounds"]
     assert first["aggregated"] and sorted(first["train"]) == ["site-a"]  # the round went on without it
-    train_failures = [f for f in first["failures"] if f["stage"] == "train"]
-    assert train_failures == [{"site": victim, "stage": "train", "reason": f"no reply within {timeout} s"}]
+    (failure,) = [f for f in first["failures"] if f["stage"] == "train"]
+    assert failure["site"] == victim
+    assert failure["reason"] in (f"no reply within {timeout} s",) or "Node Unavailable" in failure["reason"]
     assert all(r["aggregated"] for r in later)
-    assert sorted(later[-1]["train"]) == list(SITES) and later[-1]["failures"] == []  # it is back
+    assert any(sorted(r["train"]) == list(SITES) for r in later), later  # it is back
+    assert later[-1]["failures"] == []
     assert victim in (out / "report.md").read_text().split("## Failures")[1]
+    progress = (out / "progress.jsonl").read_text()
+    assert f"round 1/3: {victim} failed" in progress or f"round 1: {victim} did not reply" in progress
 
 
 def test_a_restarted_hospital_is_back_at_once(fed: LocalFederation) -> None:
