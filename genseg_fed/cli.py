@@ -22,8 +22,8 @@ EPILOG = """\
 examples:
   genseg-fed simulate --config configs/default.yaml --out runs/demo
   genseg-fed simulate --set federation.strategy=fedprox --set mlo.mode=aug --out runs/aug
-  genseg-fed train-local --config configs/local.yaml --site hospital-a
-  genseg-fed train-local --config configs/local.yaml --site /data/my_site --set mlo.mode=aug
+  genseg-fed train-local --config configs/default.yaml --site hospital-a
+  genseg-fed train-local --config configs/default.yaml --site /data/my_site --set mlo.mode=aug
   genseg-fed check-site /data/my_site --image-size 128 --channels 3
   genseg-fed show-config --config configs/default.yaml --set data.n_train=20
   genseg-fed certs init --out certs --san fl.example.org     (deployment: see deploy/README.md)

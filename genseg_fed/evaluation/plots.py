@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: hospitals' servers and CI have no display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["plot_curves", "plot_heatmap", "sample_grid"]
 
@@ -72,6 +73,7 @@ def plot_curves(
             ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, iterations: no 1.5
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -37,7 +37,9 @@ def _dice_per_round(history: Mapping[str, Any]) -> dict[str, list[tuple[float, f
             dice = models.get("global", {}).get("dice")
             if dice is not None:
                 curves.setdefault(site, []).append((rec["round"], dice))
-    return curves
+    roles = {name: site.get("role") for name, site in history.get("sites", {}).items()}
+    # training sites first, then held-out ones, each by name (not in the order nodes happened to answer)
+    return {s: curves[s] for s in sorted(curves, key=lambda s: (roles.get(s) != "train", s))}
 
 
 _MECHANISMS = ("disc", "gen", "hyper", "seg")
