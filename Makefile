@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` runs the checks.
-# Both create .venv on first use; nothing else needs installing beyond Python 3.10+.
+# Both create .venv on first use; nothing else needs installing beyond Python 3.11+.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
