@@ -146,9 +146,9 @@ def load_folder_site(
         f"{ignored_images + ignored_masks} unsupported files" if ignored_images + ignored_masks else "",
     ]
     skipped_text = ", ".join(s for s in skipped if s) or "nothing"
+    sliced = f" ({got.n_volumes} volumes sliced {spec.orientation})" if got.n_volumes else ""
     description = (
-        f"folder {root}: {len(got.ids)} images from {got.n_files} file pairs "
-        f"({got.n_volumes} volumes sliced {spec.orientation}); skipped {skipped_text}"
+        f"folder {root}: {len(got.ids)} images from {got.n_files} file pairs{sliced}; skipped {skipped_text}"
     )
     return SiteData(
         name=spec.name,
