@@ -205,6 +205,6 @@ def test_coordinator_killed_after_round_1_resumes_at_round_2(fed: LocalFederatio
     assert final["run"]["resumed_at_round"] == [1] and final["run"]["run_key"] == saved["run"]["run_key"]
     assert json.dumps(final["rounds"][0], sort_keys=True) == json.dumps(saved["rounds"][0], sort_keys=True)
     assert sorted(final["rounds"][1]["train"]) == list(SITES) and final["rounds"][1]["aggregated"]
-    assert (
-        fed.status(run_id)["status"] == "finished:failed"
-    )  # the killed run, as the restarted SuperLink saw it
+    # The killed run never reports success. The restarted SuperLink marks it finished:failed once the
+    # dead ServerApp's heartbeat expires, which may be after the resumed run has already finished.
+    assert fed.status(run_id)["status"] in ("running", "finished:failed")
