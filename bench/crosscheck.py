@@ -58,6 +58,11 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
     }
 
 
+def _relative(arg: str) -> str:
+    path = Path(arg)
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else arg
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["seg-only", "aug", "genseg"], default="genseg")
@@ -96,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "overrides": overrides,
         "simulate_seconds": simulate_seconds,
         "inprocess_seconds": inprocess_seconds,
-        "simulate_command": " ".join(cmd),
+        # as a user types it from the repository root (no machine-specific paths)
+        "simulate_command": " ".join(["genseg-fed", *(_relative(c) for c in cmd[1:])]),
         "command": command_line(),
         "machine": machine_info(1),
     }
