@@ -16,20 +16,18 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from bench.step_cost import LEVELS, time_interleaved
 from genseg_fed.config import load_config
 from genseg_fed.data import MaskAugmenter
 from genseg_fed.local import load_split
 from genseg_fed.mlo.trainer import GenSegTrainer, build_networks
 from genseg_fed.privacy import PrivateGenSegTrainer
 from genseg_fed.runtime import resolve_device
-
-LEVELS = ("time_level1", "time_level2", "time_level3")
 
 
 def main() -> None:
@@ -82,19 +80,8 @@ def main() -> None:
                 )
             for _ in range(args.warmup):
                 trainers[kind].step()
-        per_iter: dict[str, list[float]] = {"plain": [], "dp": []}
-        levels: dict[str, dict[str, list[float]]] = {k: {lv: [] for lv in LEVELS} for k in trainers}
-        per_block = max(1, args.iterations // args.blocks)
-        for _ in range(args.blocks):
-            for kind, trainer in trainers.items():
-                for _ in range(per_block):
-                    t0 = time.perf_counter()
-                    out = trainer.step()
-                    per_iter[kind].append(time.perf_counter() - t0)
-                    for lv in LEVELS:
-                        levels[kind][lv].append(out.get(lv, 0.0))
+        per_iter, lv = time_interleaved(trainers, args.iterations, args.blocks)
         plain, dp = statistics.median(per_iter["plain"]), statistics.median(per_iter["dp"])
-        lv = {kind: {k: statistics.mean(v) for k, v in levels[kind].items()} for kind in trainers}
         mech = trainers["dp"].mechanisms
         rows.append(
             {

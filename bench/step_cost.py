@@ -17,7 +17,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +31,29 @@ from genseg_fed.runtime import resolve_device
 
 MODES = ("seg-only", "aug", "genseg")
 LEVELS = ("time_level1", "time_level2", "time_level3")
+
+
+def time_interleaved(
+    trainers: Mapping[str, Any], iterations: int, blocks: int
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Step the trainers in turn, ``blocks`` times ``iterations // blocks`` steps each.
+
+    Interleaving spreads a shared machine's load changes over all trainers alike. Returns the
+    seconds of every step per trainer and each trainer's mean seconds per level (``LEVELS``).
+    """
+    per_iter: dict[str, list[float]] = {name: [] for name in trainers}
+    levels: dict[str, dict[str, list[float]]] = {name: {k: [] for k in LEVELS} for name in trainers}
+    per_block = max(1, iterations // blocks)
+    for _ in range(blocks):
+        for name, trainer in trainers.items():
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                out = trainer.step()
+                per_iter[name].append(time.perf_counter() - t0)
+                for k in LEVELS:
+                    levels[name][k].append(out.get(k, 0.0))
+    means = {name: {k: statistics.mean(v) for k, v in lv.items()} for name, lv in levels.items()}
+    return per_iter, means
 
 
 def main() -> None:
@@ -62,17 +87,7 @@ def main() -> None:
         for _ in range(args.warmup):
             trainers[mode].step()
 
-    per_iter: dict[str, list[float]] = {m: [] for m in MODES}
-    levels: dict[str, dict[str, list[float]]] = {m: {k: [] for k in LEVELS} for m in MODES}
-    per_round = max(1, args.iterations // args.rounds)
-    for _ in range(args.rounds):
-        for mode in MODES:
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                out = trainers[mode].step()
-                per_iter[mode].append(time.perf_counter() - t0)
-                for k in LEVELS:
-                    levels[mode][k].append(out.get(k, 0.0))
+    per_iter, levels = time_interleaved(trainers, args.iterations, args.rounds)
 
     base = statistics.median(per_iter["seg-only"])
     rows = []
@@ -84,7 +99,7 @@ def main() -> None:
     )
     for mode in MODES:
         med = statistics.median(per_iter[mode])
-        lv = {k: statistics.mean(v) for k, v in levels[mode].items()}
+        lv = levels[mode]
         other = statistics.mean(per_iter[mode]) - sum(lv.values())
         rows.append(
             {
