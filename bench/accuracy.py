@@ -34,10 +34,9 @@ from bench.common import (
     Estimate,
     StudyOutput,
     ci,
-    command_line,
+    finish_study,
     get_dataset,
     jobs_for,
-    machine_info,
     markdown_table,
     method_rows,
     paired_difference,
@@ -45,8 +44,8 @@ from bench.common import (
     pm,
     run_grid,
     setup_runtime,
+    study_meta,
     write_csv,
-    write_json,
 )
 
 QUICK_DATASETS = ("skin-loso-dermis",)
@@ -247,12 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if REFERENCE not in methods:
         methods.insert(0, REFERENCE)  # paired differences need it
     started = time.perf_counter()
-    meta = {
-        "command": command_line(),
-        "size": size.name,
-        "size_overrides": list(size.overrides),
-        "machine": machine_info(args.threads),
-    }
+    meta = study_meta(size, args.threads)
     if args.dry_run:
         run_grid(
             root,
@@ -281,14 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "per_image": summary,
             "per_volume": summarise(results, out / "per_volume", methods=methods, per_volume=True),
         }
-    meta["seconds"] = time.perf_counter() - started
-    meta["run_seconds"] = sum(r["seconds"] for r in results)
-    meta["run_cpu_seconds"] = sum(r.get("cpu_seconds", math.nan) for r in results)
-    write_json({"meta": meta, "summary": summary}, out / "summary.json")
-    print((out / "tables.md").read_text())
-    print(
-        f"wrote {out} in {meta['seconds'] / 60:.1f} min (run time in this folder's runs: {meta['run_seconds'] / 60:.1f} min)"
-    )
+    finish_study(out, meta, started, results, summary)
 
 
 if __name__ == "__main__":

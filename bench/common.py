@@ -300,6 +300,37 @@ def write_json(data: Any, path: Path) -> Path:
     return write_json_atomic(data, path)
 
 
+def study_meta(size: Size, threads: int) -> dict[str, Any]:
+    """How a study is run (command line, size, machine and its load now), for its ``summary.json``."""
+    return {
+        "command": command_line(),
+        "size": size.name,
+        "size_overrides": list(size.overrides),
+        "machine": machine_info(threads),
+    }
+
+
+def finish_study(
+    out: Path,
+    meta: Mapping[str, Any],
+    started: float,
+    results: Sequence[Mapping[str, Any]],
+    summary: Any,
+) -> None:
+    """Write ``out/summary.json`` (``meta`` plus timings, and ``summary``), print ``out/tables.md``."""
+    meta = {
+        **meta,
+        "seconds": time.perf_counter() - started,
+        "run_seconds": sum(r["seconds"] for r in results),
+        "run_cpu_seconds": sum(r.get("cpu_seconds", math.nan) for r in results),
+    }
+    write_json({"meta": meta, "summary": summary}, out / "summary.json")
+    print((out / "tables.md").read_text())
+    print(
+        f"wrote {out} in {meta['seconds'] / 60:.1f} min (run time of its runs: {meta['run_seconds'] / 60:.1f} min)"
+    )
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -34,20 +34,19 @@ from bench.common import (
     SIZES,
     Estimate,
     StudyOutput,
-    command_line,
     efficiency_factor,
+    finish_study,
     fmt,
     get_dataset,
     jobs_for,
-    machine_info,
     markdown_table,
     method_rows,
     per_seed_scores,
     pm,
     run_grid,
     setup_runtime,
+    study_meta,
     write_csv,
-    write_json,
 )
 
 QUICK_NS = (9, 20, 50)
@@ -240,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     methods = list(dict.fromkeys([REFERENCE, GENSEG, *args.methods]))
     ns = sorted(set(args.ns or (FULL_NS if size.name == "full" else QUICK_NS)) | {BASE_N})
     started = time.perf_counter()
+    meta = study_meta(size, args.threads)
     extra = [f"device={args.device}", *args.extra]
     seeds = args.seeds or size.seeds
     if args.dry_run:
@@ -260,20 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     shown = [m for m in METHODS if m in {m for r in results for m in r["methods"]}]
     out = StudyOutput(root, "data_efficiency").folder
     summary = summarise(results, out, methods=shown)
-    meta = {
-        "command": command_line(),
-        "size": size.name,
-        "size_overrides": list(size.overrides),
-        "machine": machine_info(args.threads),
-        "seconds": time.perf_counter() - started,
-        "run_seconds": sum(r["seconds"] for r in results),
-        "run_cpu_seconds": sum(r.get("cpu_seconds", math.nan) for r in results),
-    }
-    write_json({"meta": meta, "summary": summary}, out / "summary.json")
-    print((out / "tables.md").read_text())
-    print(
-        f"wrote {out} in {meta['seconds'] / 60:.1f} min (run time of its runs: {meta['run_seconds'] / 60:.1f} min)"
-    )
+    finish_study(out, meta, started, results, summary)
 
 
 if __name__ == "__main__":

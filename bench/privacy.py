@@ -30,16 +30,16 @@ from bench.common import (
     Estimate,
     RunKey,
     StudyOutput,
-    command_line,
     experiment_overrides,
+    finish_study,
     fmt,
     get_dataset,
     load_result,
-    machine_info,
     markdown_table,
     pm,
     run_lock,
     setup_runtime,
+    study_meta,
     write_csv,
     write_json,
 )
@@ -225,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = args.seeds or (QUICK_SEEDS if args.quick else size.seeds)
     plan = [(d, e, s) for d in datasets for s in seeds for e in args.epsilons]
     started = time.perf_counter()
+    meta = study_meta(size, args.threads)
     results = []
     for dataset, eps, seed in tqdm(plan, desc="privacy runs", dynamic_ncols=True):
         result = run_privacy(root, dataset, size, eps, seed, [f"device={args.device}", *args.extra])
@@ -232,19 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             results.append(result)
     out = StudyOutput(root, "privacy").folder
     summary = summarise(results, out)
-    meta = {
-        "command": command_line(),
-        "size": size.name,
-        "size_overrides": list(size.overrides),
-        "machine": machine_info(args.threads),
-        "seconds": time.perf_counter() - started,
-        "run_seconds": sum(r["seconds"] for r in results),
-    }
-    write_json({"meta": meta, "summary": summary}, out / "summary.json")
-    print((out / "tables.md").read_text())
-    print(
-        f"wrote {out} in {meta['seconds'] / 60:.1f} min (run time of its runs: {meta['run_seconds'] / 60:.1f} min)"
-    )
+    finish_study(out, meta, started, results, summary)
 
 
 if __name__ == "__main__":

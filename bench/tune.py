@@ -32,15 +32,14 @@ from bench.common import (
     Job,
     Size,
     ci,
-    command_line,
     get_dataset,
     load_experiment,
-    machine_info,
     markdown_table,
     paired_difference,
     pm,
     run_job,
     setup_runtime,
+    study_meta,
     write_csv,
     write_json,
 )
@@ -195,13 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     (out / "tables.md").write_text(text + "\n")
     _plot(out / "sweep.png", rows)
-    meta = {
-        "command": command_line(),
-        "size": size.name,
-        "size_overrides": list(size.overrides),
-        "machine": machine_info(args.threads),
-        "seconds": time.perf_counter() - started,
-    }
+    meta = {**study_meta(size, args.threads), "seconds": time.perf_counter() - started}
     write_json({"meta": meta, "sweep": rows}, out / "summary.json")
     print(text)
     print(f"wrote {out} in {meta['seconds'] / 60:.1f} min")
