@@ -69,7 +69,7 @@ def run_privacy(
     key = RunKey(dataset.name, f"privacy-eps{_tag(eps)}", N, seed)
     done = load_result(root, key, overrides)
     if done is not None:
-        return done
+        return {**done, "epsilon": eps}  # JSON stored infinity as null
     folder = key.folder(root)
     with run_lock(folder) as mine:
         if not mine:
