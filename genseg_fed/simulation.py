@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -43,11 +44,6 @@ import tomli_w
 from tqdm.auto import tqdm
 
 from .progress import PROGRESS_FILE, LineTail, ProgressReader
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = [
     "COMPLETED",

@@ -17,8 +17,8 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +28,6 @@ import tomli_w
 
 from .. import simulation as _sim
 from .certs import CertError, SuperLinkCerts, check_node_key, check_superlink_certs
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = [
     "COMPLETED",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,6 @@ from genseg_fed.deploy.launch import (
     supernode_command,
     write_connection,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 
