@@ -92,27 +92,26 @@ def exchange(
     it reports each reply as it arrives and polls every half second.
     """
     messages = list(messages)
-    dst = {}
     ids = list(grid.push_messages(messages))
-    for mid, msg in zip(ids, messages, strict=True):
-        if mid:
-            dst[mid] = msg.metadata.dst_node_id
-    pending = set(dst)
+    sent = {mid: msg for mid, msg in zip(ids, messages, strict=True) if mid}
+    pending = set(sent)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
             mid = reply.metadata.reply_to_message_id
             pending.discard(mid)
-            if reply.has_error() and mid in dst and reply.metadata.src_node_id != dst[mid]:
-                # The SuperLink answers for a node it lost (e.g. "Node Unavailable"): name that node.
-                reply.metadata.__dict__["_src_node_id"] = dst[mid]
+            original = sent.get(mid)
+            if reply.has_error() and original and reply.metadata.src_node_id != original.metadata.dst_node_id:
+                # The SuperLink answers for a node it lost (e.g. "Node Unavailable"): the same error,
+                # as a reply from that node, so the failure is recorded under its site.
+                reply = Message(reply.error, reply_to=original)
             replies.append(reply)
             if on_reply:
                 on_reply(reply)
         if pending:
             time.sleep(_POLL_SECONDS)
-    return replies, [dst[m] for m in pending]
+    return replies, [sent[m].metadata.dst_node_id for m in pending]
 
 
 class _TrainingNodes:
