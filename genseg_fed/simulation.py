@@ -593,12 +593,13 @@ def _json_from(text: str) -> dict[str, Any]:
     return obj
 
 
-def _flwr(args: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout: float = 60.0) -> str:
-    """Run a short ``flwr`` CLI command and return its stdout (stderr is logged at debug level)."""
-    cmd = [_executable("flwr"), *args]
+def _flwr_process(
+    args: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a short ``flwr`` CLI command to completion (exit status not checked)."""
     try:
-        done = subprocess.run(
-            cmd,
+        return subprocess.run(
+            [_executable("flwr"), *args],
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -609,6 +610,11 @@ def _flwr(args: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout: fl
         )
     except subprocess.TimeoutExpired:
         raise SimulationError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
+
+
+def _flwr(args: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout: float = 60.0) -> str:
+    """Run a short ``flwr`` CLI command and return its stdout (stderr is logged at debug level)."""
+    done = _flwr_process(args, env=env, cwd=cwd, timeout=timeout)
     if done.stderr.strip():
         logger.debug("%s stderr: %s", " ".join(args), done.stderr.strip())
     return done.stdout

@@ -377,13 +377,7 @@ def flwr(
     args: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout: float = 120.0
 ) -> subprocess.CompletedProcess[str]:
     """Run a ``flwr`` CLI command (e.g. ``supernode register``) and return the finished process."""
-    return subprocess.run(
-        [_exe("flwr"), *args],
-        env=dict(env),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        return _sim._flwr_process(args, env=env, cwd=cwd, timeout=timeout)
+    except _sim.SimulationError as exc:
+        raise DeployError(str(exc)) from None
