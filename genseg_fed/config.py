@@ -202,6 +202,15 @@ class MLOConfig:
     hyper_params: HyperParams = "arch"
     checkpoint_every: int = field(default=100, metadata=_min(0))  # 0: only at the end
 
+    @property
+    def uses_validation(self) -> bool:
+        """True when training reads the validation split (level III runs).
+
+        The one rule for fair data access: a method that does not use the validation split trains
+        on it instead, so every method sees the same labelled images.
+        """
+        return self.mode == "genseg"
+
 
 @dataclass(frozen=True)
 class FederationConfig:
