@@ -85,7 +85,7 @@ def measure_steps(out: Path, size: dict[str, Any], *, threads: int, device: str)
         str(size["step_iterations"]),
         "--warmup",
         "3",
-        "--rounds",
+        "--blocks",
         "3",
         "--threads",
         str(threads),
@@ -108,7 +108,7 @@ def _memory_child(mode: str, overrides: list[str], iterations: int, threads: int
     import torch
 
     from genseg_fed.config import load_config
-    from genseg_fed.data import MaskAugmenter
+    from genseg_fed.data import Augmenter
     from genseg_fed.local import load_split
     from genseg_fed.mlo.trainer import GenSegTrainer, build_networks
     from genseg_fed.runtime import resolve_device
@@ -119,7 +119,7 @@ def _memory_child(mode: str, overrides: list[str], iterations: int, threads: int
     device = resolve_device(cfg.device)
     nets = build_networks(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size, mode=mode)
     trainer = GenSegTrainer(
-        cfg.mlo, nets, split.train, split.val, MaskAugmenter(cfg.augment, seed=0), device=device
+        cfg.mlo, nets, split.train, split.val, Augmenter(cfg.augment, seed=0), device=device
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     if device.type == "cuda":
@@ -370,14 +370,14 @@ def _plot_steps(step: dict[str, Any], path: Path) -> None:
     bottom = [0.0] * len(rows)
     for key, label in (
         ("time_level1", "level I (pix2pix)"),
+        ("time_synthetic", "synthetic pairs (pool)"),
         ("time_level2", "level II (segmenter)"),
         ("time_level3", "level III (hypergradient)"),
-        ("other", "other"),
     ):
         values = [max(0.0, r[key]) for r in rows]
-        ax.bar([r["mode"] for r in rows], values, bottom=bottom, label=label)
+        ax.bar([r["variant"] for r in rows], values, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("seconds per local iteration (mean)")
+    ax.set_ylabel("wall seconds per local iteration (mean)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -399,13 +399,14 @@ def tables(
     rnd = {r["mode"]: r for r in rounds}
     body = []
     for r in step["results"]:
-        mode = r["mode"]
+        mode = r["variant"]
         m, w = mem.get(mode, {}), rnd.get(mode, {})
         body.append(
             [
                 mode,
-                fmt(r["seconds_per_iteration"], 4),
-                fmt(r["ratio_to_seg_only"], 2),
+                fmt(r["cpu_seconds_per_iteration"], 4),
+                fmt(r["cpu_ratio"], 2),
+                fmt(r["run_cpu_ratio"], 2),
                 fmt(m.get("peak_rss_mib"), 0),
                 fmt(m.get("training_peak_increase_mib"), 0),
                 fmt(w.get("bytes_up_per_client", float("nan")) / 1e6, 2),
@@ -423,8 +424,9 @@ def tables(
         markdown_table(
             [
                 "mode",
-                "s / local iteration (median)",
+                "CPU s / local iteration (mean)",
                 "× seg-only",
+                "× seg-only, whole run with pre-training",
                 "peak RSS (MiB)",
                 "training peak increase (MiB)",
                 "MB sent per client per round",

@@ -6,7 +6,7 @@
 
 For each mode, a plain :class:`GenSegTrainer` and a :class:`PrivateGenSegTrainer` (noise calibrated
 to ``--epsilon`` over ``--planned`` iterations) start from the same weights and are stepped in
-interleaved blocks, so a change in machine load hits both alike. Prints the median seconds per
+interleaved blocks, so a change in machine load hits both alike. Prints the mean process CPU seconds per
 iteration, the DP / plain ratio and where the time goes (levels I, II, III).
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from bench.step_cost import LEVELS, time_interleaved
 from genseg_fed.config import load_config
-from genseg_fed.data import MaskAugmenter
+from genseg_fed.data import Augmenter
 from genseg_fed.local import load_split
 from genseg_fed.mlo.trainer import GenSegTrainer, build_networks
 from genseg_fed.privacy import PrivateGenSegTrainer
@@ -57,7 +57,9 @@ def main() -> None:
     print(
         f"{site.name}, {cfg.data.image_size}px, batch {cfg.mlo.batch_size}, {args.threads} threads, {device}"
     )
-    print(f"{'mode':9} {'plain s/it':>10} {'DP s/it':>9} {'ratio':>6}   DP: level I / II / III (s)")
+    print(
+        f"{'mode':9} {'plain CPU s/it':>14} {'DP CPU s/it':>11} {'ratio':>6}   DP wall: level I / syn / III / II (s)"
+    )
     for mode in args.modes:
         mlo = replace(cfg.mlo, mode=mode)
         trainers = {}
@@ -66,7 +68,7 @@ def main() -> None:
             nets = build_networks(
                 cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size, mode=mode
             )
-            common = (mlo, nets, split.train, split.val, MaskAugmenter(cfg.augment, seed=cfg.seed))
+            common = (mlo, nets, split.train, split.val, Augmenter(cfg.augment, seed=cfg.seed))
             if kind == "plain":
                 trainers[kind] = GenSegTrainer(*common, device=device)
             else:
@@ -80,14 +82,15 @@ def main() -> None:
                 )
             for _ in range(args.warmup):
                 trainers[kind].step()
-        per_iter, lv = time_interleaved(trainers, args.iterations, args.blocks)
-        plain, dp = statistics.median(per_iter["plain"]), statistics.median(per_iter["dp"])
+        timings = time_interleaved(trainers, args.iterations, args.blocks)
+        lv = {kind: t.mean_levels() for kind, t in timings.items()}
+        plain, dp = statistics.mean(timings["plain"].cpu), statistics.mean(timings["dp"].cpu)
         mech = trainers["dp"].mechanisms
         rows.append(
             {
                 "mode": mode,
-                "plain_seconds_per_iteration": plain,
-                "dp_seconds_per_iteration": dp,
+                "plain_cpu_seconds_per_iteration": plain,
+                "dp_cpu_seconds_per_iteration": dp,
                 "ratio": dp / plain,
                 "levels_plain": lv["plain"],
                 "levels_dp": lv["dp"],
@@ -95,7 +98,7 @@ def main() -> None:
             }
         )
         print(
-            f"{mode:9} {plain:10.3f} {dp:9.3f} {dp / plain:6.2f}   "
+            f"{mode:9} {plain:14.3f} {dp:11.3f} {dp / plain:6.2f}   "
             + " / ".join(f"{lv['dp'][k]:.3f}" for k in LEVELS)
         )
     if args.json:

@@ -42,7 +42,8 @@ __all__ = [
 
 Mode = Literal["seg-only", "aug", "genseg"]
 SegmenterName = Literal["unet", "attention_unet", "swin_unetr"]
-HyperParams = Literal["arch", "decoder", "all"]
+HyperParams = Literal["arch", "decoder", "all", "pairs"]
+HyperEstimator = Literal["exact", "fd"]
 SourceName = Literal["folder", "mni152", "npz"]
 Orientation = Literal["axial", "coronal", "sagittal"]
 EmptyMaskPolicy = Literal["error", "skip", "keep"]
@@ -153,7 +154,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Mask augmentation that turns a real mask into a new plausible one (MONAI transforms)."""
+    """Augmentation (``genseg_fed.data.augment``): one spatial transform for new masks and classic pairs,
+    and intensity jitter for real (``classic``) and synthetic (``synthetic_intensity``) images."""
 
     flip_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
     rotate_deg: float = field(default=20.0, metadata=_range(0.0, 180.0))
@@ -161,6 +163,13 @@ class AugmentConfig:
     translate: float = field(default=0.1, metadata=_range(0.0, 0.5))  # +-fraction of size
     shear: float = field(default=0.1, metadata=_range(0.0, 1.0))
     elastic_prob: float = field(default=0.3, metadata=_range(0.0, 1.0))
+    classic: bool = True  # classic augmentation of the real pairs (spatial + intensity) at level II
+    synthetic_intensity: bool = True  # intensity jitter on synthetic images (a variety of tones)
+    brightness: float = field(default=0.1, metadata=_range(0.0, 1.0))  # +- shift, fraction of range
+    contrast: float = field(default=0.2, metadata=_range(0.0, 0.9))  # +-fraction
+    gamma: float = field(default=0.2, metadata=_range(0.0, 2.0))  # log-gamma +-
+    saturation: float = field(default=0.2, metadata=_range(0.0, 1.0))  # +-fraction (RGB only)
+    channel_gain: float = field(default=0.05, metadata=_range(0.0, 0.5))  # +-fraction per channel
 
 
 @dataclass(frozen=True)
@@ -169,11 +178,12 @@ class ModelConfig:
 
     segmenter: SegmenterName = "unet"
     seg_features: tuple[int, ...] = (16, 32, 64, 128)  # channels per resolution level
-    gen_features: int = field(default=32, metadata=_min(4))  # generator base width
+    gen_features: int = field(default=16, metadata=_min(4))  # generator base width
     gen_depth: int = field(default=3, metadata=_range(2, 6))  # down-sampling steps
     gen_ops: tuple[str, ...] = ("conv3x3", "conv5x5", "dil3x3")  # candidate decoder ops
-    disc_features: int = field(default=32, metadata=_min(4))
+    disc_features: int = field(default=16, metadata=_min(4))
     disc_layers: int = field(default=3, metadata=_range(1, 5))
+    gen_dropout: float = field(default=0.0, metadata=_range(0.0, 0.9))  # stochastic synthetic images
 
 
 @dataclass(frozen=True)
@@ -182,24 +192,35 @@ class MLOConfig:
 
     ``mode``: ``seg-only`` trains the segmenter on real pairs only; ``aug`` also trains the
     generator as a plain pix2pix and feeds its synthetic pairs to the segmenter; ``genseg``
-    adds level III, updating ``hyper_params`` of the generator by the hypergradient of the
-    segmenter's validation loss.
+    adds level III, updating ``hyper_params`` by the hypergradient of the segmenter's validation
+    loss. ``genseg_fed.mlo.schedule`` is the one place that says which level runs when.
+
+    Phases: ``pretrain_iterations`` level-I-only steps (generator and discriminator, no segmenter)
+    run before the first main iteration, so synthetic pairs never come from an untrained generator;
+    they are extra to ``iterations`` / ``federation.local_iterations`` and counted in every cost.
+    After that, level I runs every ``gen_every`` iterations at ``gen_finetune_lr``, and a pool of
+    ``pool_size`` synthetic pairs per real pair is re-rendered every ``pool_refresh`` iterations.
     """
 
     mode: Mode = "genseg"
     iterations: int = field(default=300, metadata=_min(0))
     batch_size: int = field(default=4, metadata=_min(1))  # real pairs per step
-    synthetic_per_real: int = field(default=1, metadata=_min(0))
+    synthetic_per_real: int = field(default=1, metadata=_min(0))  # synthetic rows per real row, level II
     seg_lr: float = field(default=1e-3, metadata=_min(0.0))
-    gen_lr: float = field(default=2e-4, metadata=_min(0.0))
+    gen_lr: float = field(default=2e-4, metadata=_min(0.0))  # pre-training (and level I when not set below)
     disc_lr: float = field(default=2e-4, metadata=_min(0.0))
     l1_weight: float = field(default=100.0, metadata=_min(0.0))  # pix2pix L1 term
-    gan_warmup: int = field(default=0, metadata=_min(0))  # iterations before synthetic use
+    pretrain_iterations: int = field(default=200, metadata=_min(0))  # level I alone, before synthetic use
+    gen_every: int = field(default=10, metadata=_min(0))  # level I every k iterations after; 0: frozen
+    gen_finetune_lr: float | None = field(default=2e-5, metadata=_min(0.0))  # None: gen_lr
+    pool_size: int = field(default=8, metadata=_min(0))  # synthetic pairs per real pair; 0: render each step
+    pool_refresh: int = field(default=50, metadata=_min(1))  # re-render the pool every k iterations
     inner_lr: float = field(default=0.01, metadata=_min(0.0))  # unrolled segmenter step
     unroll_steps: int = field(default=1, metadata=_range(1, 10))
     hyper_lr: float = field(default=3e-3, metadata=_min(0.0))
-    hyper_every: int = field(default=1, metadata=_min(1))  # level III every k iterations
+    hyper_every: int = field(default=5, metadata=_min(1))  # level III every k iterations
     hyper_params: HyperParams = "arch"
+    hyper_estimator: HyperEstimator = "fd"  # exact (double backward) | fd (finite differences)
     checkpoint_every: int = field(default=100, metadata=_min(0))  # 0: only at the end
 
     @property

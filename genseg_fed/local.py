@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from .config import Config, SiteSpec, config_to_dict
-from .data import MaskAugmenter, SiteData, SiteSplit, load_site, split_site
+from .data import Augmenter, SiteData, SiteSplit, load_site, split_site
 from .evaluation.metrics import evaluate_segmenter, predict_masks
 from .evaluation.plots import sample_grid
 from .mlo.trainer import GenSegTrainer, Networks, build_networks
@@ -86,7 +86,7 @@ def train_local(
     nets = build_networks(
         cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size, mode=cfg.mlo.mode
     )
-    args = (cfg.mlo, nets, split.train, split.val, MaskAugmenter(cfg.augment, seed=cfg.seed))
+    args = (cfg.mlo, nets, split.train, split.val, Augmenter(cfg.augment, seed=cfg.seed))
     trainer: GenSegTrainer
     if cfg.privacy.enabled:
         from .privacy.trainer import PrivateGenSegTrainer  # imports Opacus: only when private
@@ -111,15 +111,18 @@ def train_local(
     total = cfg.mlo.iterations
     chunk = cfg.mlo.checkpoint_every or total
     train_stats: dict[str, float] = {}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with tqdm(
-        total=total, initial=trainer.iteration, desc=f"{site.name} [{cfg.mlo.mode}]", disable=not progress
+        total=trainer.pretrain_steps + total,
+        initial=trainer.iteration,
+        desc=f"{site.name} [{cfg.mlo.mode}]",
+        disable=not progress,
     ) as bar:
-        while trainer.iteration < total:
-            steps = min(chunk, total - trainer.iteration)
+        while trainer.main_iteration < total or trainer.iteration < trainer.pretrain_steps:
+            steps = min(chunk, total - trainer.main_iteration)
             train_stats = trainer.train(steps, bar=bar)
             save_checkpoint(trainer.state_dict(), ckpt)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
     scores = evaluate_segmenter(nets.segmenter, split.test.images, split.test.masks, device=device)
     for name, net in nets.parts().items():
@@ -131,13 +134,16 @@ def train_local(
         "mode": cfg.mlo.mode,
         "segmenter": cfg.model.segmenter,
         "device": str(device),
-        "iterations": trainer.iteration,
+        "iterations": trainer.main_iteration,
+        "pretrain_iterations": trainer.pretrain_steps,
         "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,
         "counts": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "data": split.train.description,
         "simulated_shift": split.train.simulated_shift,
         "train_last_chunk": train_stats,
         "val_loss": trainer.validation_loss() if len(split.val) else None,
+        "generator_check": trainer.generator_check(),
         "privacy": trainer.report() if cfg.privacy.enabled else None,
         "test": scores.summary(),
         "test_per_image": {
@@ -169,7 +175,7 @@ def train_pooled(cfg: Config, out_dir: str | Path, *, progress: bool = True) -> 
     nets = build_networks(
         cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size, mode=cfg.mlo.mode
     )
-    augmenter = MaskAugmenter(cfg.augment, seed=cfg.seed)
+    augmenter = Augmenter(cfg.augment, seed=cfg.seed)
     trainer = GenSegTrainer(cfg.mlo, nets, train, val, augmenter, device=device, seed=cfg.seed)
     started = time.perf_counter()
     with tqdm(total=cfg.mlo.iterations, desc=f"pooled [{cfg.mlo.mode}]", disable=not progress) as bar:

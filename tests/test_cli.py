@@ -22,6 +22,8 @@ TINY = [
     "model.disc_features=8",
     "model.disc_layers=2",
     "mlo.batch_size=2",
+    "mlo.pretrain_iterations=2",
+    "mlo.pool_size=2",
     "mlo.iterations=4",
     "mlo.checkpoint_every=2",
 ]

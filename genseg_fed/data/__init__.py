@@ -5,7 +5,7 @@ masks ``(N, 1, S, S)`` float32 in ``{0, 1}``::
 
     data = load_site(spec, image_size=64, channels=1, empty_masks="error")
     split = split_site(data, n_train=9, n_val=3, test_fraction=0.4, seed=0)
-    augment = MaskAugmenter(cfg.augment, seed=0)
+    augment = Augmenter(cfg.augment, seed=0)
 
 Sources (``SiteSpec.source``): ``folder`` (:mod:`.folder`), ``npz`` (:mod:`.npz`) and the embedded
 default ``mni152`` (:mod:`.mni152`, real MRI template with a *simulated* acquisition shift).
@@ -13,7 +13,7 @@ default ``mni152`` (:mod:`.mni152`, real MRI template with a *simulated* acquisi
 
 from __future__ import annotations
 
-from genseg_fed.data.augment import MaskAugmenter
+from genseg_fed.data.augment import Augmenter
 from genseg_fed.data.folder import write_site_folder
 from genseg_fed.data.mni152 import PROFILES, AcquisitionProfile
 from genseg_fed.data.site import DataError, SiteData
@@ -24,8 +24,8 @@ __all__ = [
     "PROFILES",
     "READERS",
     "AcquisitionProfile",
+    "Augmenter",
     "DataError",
-    "MaskAugmenter",
     "SiteData",
     "SiteSplit",
     "load_site",

@@ -1,108 +1,179 @@
-"""Mask augmentation: turn real masks into new plausible masks for the generator (MONAI transforms).
+"""Batched augmentation: new masks for synthetic pairs, classic augmentation of real pairs, intensity jitter.
 
-Per mask, independently: a horizontal flip (``flip_prob``; vertical flips would turn anatomy
-upside down), a random affine (rotation ``+-rotate_deg``, scale ``1 +- scale``, translation
-``+- translate`` of the side, shear ``+- shear``) and, with probability ``elastic_prob``, a smooth
-elastic deformation (control points every quarter side, displacements of 2-5% of the side). The
-affine and the elastic deformation are composed into one grid (MONAI ``Rand2DElastic`` with affine
-ranges), so each mask is resampled once; otherwise ``RandAffine`` alone is used.
+One random spatial transform per row, applied to the whole batch at once with
+``torch.nn.functional.affine_grid`` / ``grid_sample`` (no per-mask Python loop):
 
-Masks are resampled *bilinearly and thresholded at 0.5* rather than by nearest neighbour: the
-outlines of rotated or scaled masks stay smooth instead of staircased. Outside the input is
-background (zero padding). A result with no foreground is redrawn up to :data:`MAX_TRIES` times,
-then the input mask is returned unchanged, so a non-empty input never yields an empty output.
+* a horizontal flip (``flip_prob``; vertical flips would turn anatomy upside down);
+* a random affine: rotation ``+-rotate_deg``, scale ``1 +- scale`` per axis, shear ``+- shear``,
+  translation ``+- translate`` of the side;
+* with probability ``elastic_prob``, a smooth elastic displacement: uniform random displacements on a
+  control grid every quarter side, 2-5 % of the side, upsampled bicubically, added to the affine grid,
+  so each row is resampled once.
+
+Masks are resampled *bilinearly and thresholded at 0.5* (smooth outlines instead of staircases).
+:meth:`Augmenter.masks` pads with background and never turns a non-empty mask into an empty one: every
+row gets :data:`MAX_TRIES` parameter draws up front (so the random stream consumed never depends on the
+data) and keeps the first that leaves foreground, else its input. :meth:`Augmenter.pairs` (classic
+augmentation) warps image and mask with the same grid, reflecting at the border so both stay
+consistent, then jitters the image's intensity (:meth:`Augmenter.intensity`: brightness, contrast,
+gamma, saturation and per-channel gain, each uniform in ``+-`` its range).
+
+The draws come from one ``torch.Generator`` seeded by ``seed``; :meth:`state_dict` restores it.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
-import numpy as np
 import torch
-from monai.transforms import Compose, OneOf, Rand2DElastic, RandAffine, RandFlip
-from monai.utils import convert_to_tensor
+import torch.nn.functional as F
 
 from genseg_fed.config import AugmentConfig
 
-__all__ = ["MAX_TRIES", "MaskAugmenter"]
+__all__ = ["ELASTIC_MAGNITUDE", "ELASTIC_SPACING", "MAX_TRIES", "Augmenter"]
 
-MAX_TRIES = 4  # draws per mask before falling back to the input
+MAX_TRIES = 4  # parameter draws per mask before falling back to the input
 ELASTIC_SPACING = 0.25  # control-point spacing, fraction of the side
 ELASTIC_MAGNITUDE = (0.02, 0.05)  # control-point displacement range, fraction of the side
+_LUMA = (0.299, 0.587, 0.114)
 
 
-class MaskAugmenter:
-    """Random plausible variations of binary masks, deterministic given ``seed``.
+class Augmenter:
+    """Random batched augmentation, deterministic given ``seed``.
 
     Example::
 
-        augment = MaskAugmenter(cfg.augment, seed=cfg.seed)
-        new_masks = augment(masks)  # (B, 1, H, W) {0, 1} -> (B, 1, H, W) {0, 1}
+        augment = Augmenter(cfg.augment, seed=cfg.seed)
+        new_masks = augment.masks(masks)              # (B, 1, H, W) {0, 1} -> (B, 1, H, W) {0, 1}
+        images, masks = augment.pairs(images, masks)  # classic augmentation of real pairs
+        images = augment.intensity(images)            # (B, C, H, W) in [-1, 1]
     """
 
     def __init__(self, cfg: AugmentConfig, *, seed: int) -> None:
         self.cfg = cfg
-        self._rng = np.random.RandomState(seed % 2**32)
-        self._pipelines: dict[tuple[int, int], Compose] = {}  # one per mask size (ranges are in pixels)
+        self._rng = torch.Generator().manual_seed(seed % 2**63)
 
-    def __call__(self, masks: torch.Tensor) -> torch.Tensor:
-        """Augment ``(B, 1, H, W)`` float masks in {0, 1}; returns the same shape, dtype and device, in {0, 1}."""
-        if masks.ndim != 4 or masks.shape[1] != 1:
-            raise ValueError(f"masks must be (B, 1, H, W), got {tuple(masks.shape)}")
-        pipeline = self._pipeline(masks.shape[-2], masks.shape[-1])
-        with torch.no_grad():
-            source = masks.detach().float().cpu()
-            out = [self._one(pipeline, mask) for mask in source]
-            return torch.stack(out).to(device=masks.device, dtype=masks.dtype)
+    # ------------------------------------------------------------------ public transforms
+    @torch.no_grad()
+    def masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """New plausible masks from ``(B, 1, H, W)`` float masks in {0, 1}; same shape, dtype, device."""
+        _check(masks, "masks", channels=1)
+        b = masks.shape[0]
+        if b == 0:
+            return masks.clone()
+        src = masks.float()
+        grids = self._grids(b * MAX_TRIES, masks.shape[-2], masks.shape[-1], masks.device)
+        grids = grids.view(MAX_TRIES, b, *grids.shape[1:])
+        out = src.clone()
+        todo = src.flatten(1).any(dim=1)  # an empty input stays empty
+        for k in range(MAX_TRIES):
+            if not todo.any():
+                break
+            idx = todo.nonzero().squeeze(1)
+            new = (_warp(src[idx], grids[k, idx], padding="zeros") > 0.5).float()
+            ok = new.flatten(1).any(dim=1)
+            out[idx[ok]] = new[ok]
+            todo[idx[ok]] = False
+        return out.to(masks.dtype)
 
+    @torch.no_grad()
+    def pairs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classic augmentation: one spatial transform per pair on image and mask, then intensity jitter."""
+        _check(masks, "masks", channels=1)
+        _check(images, "images")
+        if images.shape[0] != masks.shape[0] or images.shape[-2:] != masks.shape[-2:]:
+            raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not pair up")
+        b, c = images.shape[:2]
+        if b == 0:
+            return images.clone(), masks.clone()
+        grid = self._grids(b, images.shape[-2], images.shape[-1], images.device)
+        both = _warp(torch.cat([images.float(), masks.float()], dim=1), grid, padding="reflection")
+        new_masks = (both[:, c:] > 0.5).float()
+        # A pair whose lesion left the frame keeps its original geometry (never an empty training mask
+        # from a non-empty one).
+        lost = masks.flatten(1).any(dim=1) & ~new_masks.flatten(1).any(dim=1)
+        new_images = torch.where(lost[:, None, None, None], images.float(), both[:, :c])
+        new_masks = torch.where(lost[:, None, None, None], masks.float(), new_masks)
+        return self.intensity(new_images).to(images.dtype), new_masks.to(masks.dtype)
+
+    def intensity(self, images: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast, gamma, saturation (RGB) and per-channel gain jitter; stays in [-1, 1].
+
+        Differentiable in ``images`` (level III renders synthetic images through it on the graph).
+        """
+        _check(images, "images")
+        cfg = self.cfg
+        b, c = images.shape[:2]
+        dev = images.device
+        u = self._uniform(b, 4 + c, dev)  # one row of draws per image, whatever is enabled
+        x = (images.float() + 1.0) / 2.0  # [0, 1]
+        gain = 1.0 + cfg.channel_gain * u[:, 4:]
+        x = x * gain[:, :, None, None]
+        if c == 3:
+            grey = sum(w * x[:, i : i + 1] for i, w in enumerate(_LUMA))
+            sat = 1.0 + cfg.saturation * u[:, 3]
+            x = grey + sat[:, None, None, None] * (x - grey)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = 1.0 + cfg.contrast * u[:, 1]
+        x = mean + contrast[:, None, None, None] * (x - mean)
+        x = x + cfg.brightness * u[:, 0][:, None, None, None] / 2.0
+        gamma = torch.exp(cfg.gamma * u[:, 2])
+        x = x.clamp(1e-4, 1.0).pow(gamma[:, None, None, None])  # no infinite gradient at 0
+        return (x * 2.0 - 1.0).to(images.dtype)
+
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """RNG state of every transform, so a resumed run draws the same masks as an uninterrupted one."""
-        return {"rng": copy.deepcopy(self._rng), "pipelines": copy.deepcopy(self._pipelines)}
+        """The generator state, so a resumed run draws what an uninterrupted one would."""
+        return {"rng": self._rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`."""
-        self._rng = copy.deepcopy(state["rng"])
-        self._pipelines = copy.deepcopy(state["pipelines"])
+        self._rng.set_state(state["rng"])
 
-    def _one(self, pipeline: Compose, mask: torch.Tensor) -> torch.Tensor:
-        if not mask.any():
-            return mask
-        for _ in range(MAX_TRIES):
-            new = (convert_to_tensor(pipeline(mask), track_meta=False) > 0.5).float()
-            if new.any():
-                return new
-        return mask
+    # ------------------------------------------------------------------ sampling
+    def _uniform(self, n: int, k: int, device: torch.device) -> torch.Tensor:
+        """``(n, k)`` uniform draws in [-1, 1]."""
+        return (torch.rand(n, k, generator=self._rng) * 2.0 - 1.0).to(device)
 
-    def _pipeline(self, height: int, width: int) -> Compose:
-        """Flip, then one resampling: affine only, or (``elastic_prob``) affine + elastic together."""
-        if (height, width) not in self._pipelines:
-            cfg = self.cfg
-            side = min(height, width)
-            affine = {
-                "rotate_range": (math.radians(cfg.rotate_deg),),
-                "scale_range": (cfg.scale, cfg.scale),
-                "translate_range": (cfg.translate * height, cfg.translate * width),
-                "shear_range": (cfg.shear, cfg.shear),
-                "mode": "bilinear",
-                "padding_mode": "zeros",
-            }
-            elastic = Rand2DElastic(
-                spacing=max(2.0, ELASTIC_SPACING * side),
-                magnitude_range=(ELASTIC_MAGNITUDE[0] * side, ELASTIC_MAGNITUDE[1] * side),
-                prob=1.0,
-                **affine,
+    def _grids(self, n: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """``n`` sampling grids ``(n, H, W, 2)``: flip, affine and (``elastic_prob``) elastic displacement."""
+        cfg = self.cfg
+        u = self._uniform(n, 8, torch.device("cpu"))
+        flip = torch.where((u[:, 0] + 1.0) / 2.0 < cfg.flip_prob, -1.0, 1.0)
+        angle = math.radians(cfg.rotate_deg) * u[:, 1]
+        sx, sy = 1.0 + cfg.scale * u[:, 2], 1.0 + cfg.scale * u[:, 3]
+        shear = cfg.shear * u[:, 4]
+        tx, ty = 2.0 * cfg.translate * u[:, 5], 2.0 * cfg.translate * u[:, 6]  # normalised coordinates
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # output -> input coordinates: rotate(scale(shear(flip(x)))) + t
+        a = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        a = a @ torch.diag_embed(torch.stack([sx, sy], -1))
+        sh = torch.eye(2).repeat(n, 1, 1)
+        sh[:, 0, 1] = shear
+        a = a @ sh @ torch.diag_embed(torch.stack([flip, torch.ones_like(flip)], -1))
+        theta = torch.cat([a, torch.stack([tx, ty], -1)[:, :, None]], dim=2)
+        grid = F.affine_grid(theta, [n, 1, height, width], align_corners=False)
+
+        elastic = (u[:, 7] + 1.0) / 2.0 < cfg.elastic_prob
+        points = max(2, round(1.0 / ELASTIC_SPACING) + 1)
+        coarse = self._uniform(n * points * points * 2, 1, torch.device("cpu")).view(n, 2, points, points)
+        magnitude = self._uniform(n, 1, torch.device("cpu")).view(n, 1, 1, 1)
+        lo, hi = ELASTIC_MAGNITUDE
+        magnitude = 2.0 * (lo + (hi - lo) * (magnitude + 1.0) / 2.0)  # fraction of the side, normalised
+        if elastic.any():
+            field = F.interpolate(
+                coarse * magnitude, size=(height, width), mode="bicubic", align_corners=True
             )
-            pipeline = Compose(
-                [
-                    RandFlip(prob=cfg.flip_prob, spatial_axis=1),
-                    OneOf(
-                        [RandAffine(prob=1.0, **affine), elastic],
-                        weights=[1.0 - cfg.elastic_prob, cfg.elastic_prob],
-                    ),
-                ]
-            )
-            pipeline.set_random_state(state=self._rng)
-            self._pipelines[(height, width)] = pipeline
-        return self._pipelines[(height, width)]
+            grid = grid + field.permute(0, 2, 3, 1) * elastic[:, None, None, None]
+        return grid.to(device)
+
+
+def _warp(x: torch.Tensor, grid: torch.Tensor, *, padding: str) -> torch.Tensor:
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def _check(x: torch.Tensor, name: str, *, channels: int | None = None) -> None:
+    if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
+        shape = f"(B, {channels}, H, W)" if channels else "(B, C, H, W)"
+        raise ValueError(f"{name} must be {shape}, got {tuple(x.shape)}")

@@ -30,7 +30,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, SiteSpec
-from ..data import MaskAugmenter, SiteSplit, load_site, split_site
+from ..data import Augmenter, SiteSplit, load_site, split_site
 from ..data.site import stable_seed
 from ..evaluation.metrics import evaluate_segmenter
 from ..local import write_samples
@@ -136,7 +136,7 @@ class SiteSession:
             nets,
             self.split.train,
             self.split.val,
-            MaskAugmenter(self.cfg.augment, seed=self.seed),
+            Augmenter(self.cfg.augment, seed=self.seed),
         )
         if not self.cfg.privacy.enabled:
             return GenSegTrainer(*args, device=self.device, seed=self.seed)

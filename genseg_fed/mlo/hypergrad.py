@@ -10,6 +10,13 @@ a differentiable function of the generator parameters ``a`` that made the synthe
 ``segmenter_hypergradient`` returns ``dh/da`` exactly (second-order autograd through the unrolled
 steps, no finite differences). The synthetic images in ``batch_j`` must still be attached to the
 generator's graph; detaching them silently gives a zero hypergradient, so that is checked.
+
+``fd_hypergradient`` is DARTS' second-order approximation for one unrolled step (Liu et al., 2019,
+eq. 8): with ``theta' = theta - lr * g``, ``v = grad_theta' L_val(theta')`` and ``theta+- = theta +- eps v``::
+
+    dh/da ~= -lr * (grad_a L_train(theta+, a) - grad_a L_train(theta-, a)) / (2 eps),   eps = r / |v|
+
+It needs no double backward: one validation gradient and two first-order gradients w.r.t. ``a``.
 """
 
 from __future__ import annotations
@@ -21,9 +28,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["HyperGradient", "segmenter_hypergradient"]
+__all__ = ["FD_RADIUS", "HyperGradient", "fd_hypergradient", "segmenter_hypergradient"]
+
+FD_RADIUS = 0.01  # DARTS: eps = 0.01 / |v|
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# segmenter parameters (name -> tensor) -> gradient of the training loss w.r.t. each hyper-parameter
+HyperGradAt = Callable[[dict[str, torch.Tensor]], Sequence[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -133,3 +144,46 @@ def _split_gradient(
     grads = tuple((n_fixed * gf + n_att * ga) / n for gf, ga in zip(g_fixed, g_att, strict=True))
     loss = (n_fixed * loss_fixed.detach() + n_att * loss_att) / n
     return loss, grads
+
+
+def fd_hypergradient(
+    segmenter: nn.Module,
+    loss_fn: LossFn,
+    *,
+    train_grads: dict[str, torch.Tensor],
+    val_images: torch.Tensor,
+    val_masks: torch.Tensor,
+    inner_lr: float,
+    hyper_grad_at: HyperGradAt,
+    train_loss: float = float("nan"),
+    radius: float = FD_RADIUS,
+) -> HyperGradient:
+    """Finite-difference (DARTS) hypergradient through one unrolled segmenter step.
+
+    Args:
+        segmenter: the segmenter at ``theta`` (not modified).
+        train_grads: ``grad_theta L_train(theta, a)`` by parameter name (the level-II gradient).
+        val_images, val_masks: the site's validation split.
+        inner_lr: learning rate of the unrolled step.
+        hyper_grad_at: maps segmenter parameters ``theta+-`` to ``grad_a L_train(theta+-, a)``, one
+            tensor per hyper-parameter; only the terms of the training loss that depend on ``a`` matter.
+        train_loss: reported as :attr:`HyperGradient.train_loss`.
+        radius: ``eps = radius / |v|``.
+    """
+    names = [n for n, p in segmenter.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in segmenter.named_parameters() if p.requires_grad}
+    buffers = dict(segmenter.named_buffers())
+    stepped = {n: (params[n] - inner_lr * train_grads[n]).requires_grad_(True) for n in names}
+    val_loss = loss_fn(functional_call(segmenter, {**stepped, **buffers}, (val_images,)), val_masks)
+    v = torch.autograd.grad(val_loss, [stepped[n] for n in names])
+    norm = float(torch.sqrt(sum(g.pow(2).sum() for g in v)))
+    eps = radius / max(norm, 1e-12)
+    plus = hyper_grad_at({n: params[n] + eps * g for n, g in zip(names, v, strict=True)})
+    minus = hyper_grad_at({n: params[n] - eps * g for n, g in zip(names, v, strict=True)})
+    grads = tuple(-inner_lr * (gp - gm) / (2.0 * eps) for gp, gm in zip(plus, minus, strict=True))
+    return HyperGradient(
+        grads=grads,
+        val_loss=float(val_loss.detach()),
+        train_loss=train_loss,
+        first_step_grads={n: train_grads[n].detach() for n in names},
+    )

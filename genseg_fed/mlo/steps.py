@@ -74,6 +74,7 @@ def segmenter_step(
     masks: torch.Tensor,
     *,
     grads: Mapping[str, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
     proximal: Proximal | None = None,
 ) -> dict[str, float]:
     """Level II: one segmenter update on (real + synthetic) pairs.
@@ -82,10 +83,14 @@ def segmenter_step(
         images: (B, C, H, W) in [-1, 1]; masks: (B, 1, H, W) in {0, 1}; both detached.
         grads: the loss gradient at the current weights if already known (level III computes
             exactly this on the same batch), which saves a forward/backward pass.
+        weights: optional (B,) per-pair loss weights (level III's ``pairs`` target); not with ``grads``.
     """
+    if grads is not None and weights is not None:
+        raise ValueError("pass either precomputed grads or per-pair weights, not both")
     optimizer.zero_grad(set_to_none=True)
     if grads is None:
-        loss = loss_fn(segmenter(images), masks)
+        logits = segmenter(images)
+        loss = loss_fn(logits, masks) if weights is None else loss_fn(logits, masks, weights)
         loss.backward()
         loss_value = loss.item()
     else:

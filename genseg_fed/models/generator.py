@@ -256,10 +256,18 @@ def generator_hyper_parameters(gen: MaskToImageGenerator, which: str) -> dict[st
 
 
 def build_generator(
-    *, out_channels: int, features: int, depth: int, ops: Sequence[str], act: str = "leakyrelu"
+    *,
+    out_channels: int,
+    features: int,
+    depth: int,
+    ops: Sequence[str],
+    act: str = "leakyrelu",
+    dropout: float = 0.0,
 ) -> MaskToImageGenerator:
     """A :class:`MaskToImageGenerator` from the ``ModelConfig`` fields (``gen_*``)."""
-    gen = MaskToImageGenerator(out_channels=out_channels, features=features, depth=depth, ops=ops, act=act)
+    gen = MaskToImageGenerator(
+        out_channels=out_channels, features=features, depth=depth, ops=ops, act=act, dropout=dropout
+    )
     logger.debug(
         "generator: %d parameters, %d architecture weights",
         sum(p.numel() for p in gen.parameters()),

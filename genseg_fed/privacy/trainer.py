@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from ..config import MLOConfig, PrivacyConfig
-from ..data import MaskAugmenter, SiteData
+from ..data import Augmenter, SiteData
 from ..mlo.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
+from ..mlo.schedule import count_releases, levels_at
 from ..mlo.steps import Proximal, proximal_penalty
 from ..mlo.trainer import GenSegTrainer, Networks
 from .accountant import Mechanism, SiteAccountant, calibrate_noise
@@ -63,7 +64,8 @@ class PrivateGenSegTrainer(GenSegTrainer):
         privacy: clipping norms, noise settings (``noise_multiplier`` None: calibrated).
         epsilon, delta: this site's target; the noise is calibrated so that ``planned_iterations``
             iterations spend at most ``epsilon``.
-        planned_iterations: iterations the budget must cover (rounds x local iterations).
+        planned_iterations: main iterations the budget must cover (rounds x local iterations); the
+            generator pre-training steps come on top and are accounted too.
         noise_seed: seed of the noise and Poisson-sampling generators. Keep it secret (the default
             None draws one from the OS); pass a number only in tests.
     """
@@ -74,7 +76,7 @@ class PrivateGenSegTrainer(GenSegTrainer):
         networks: Networks,
         train: SiteData,
         val: SiteData,
-        augmenter: MaskAugmenter,
+        augmenter: Augmenter,
         *,
         device: torch.device,
         seed: int = 0,
@@ -84,6 +86,10 @@ class PrivateGenSegTrainer(GenSegTrainer):
         planned_iterations: int,
         noise_seed: int | None = None,
     ) -> None:
+        if mlo.mode == "genseg" and mlo.hyper_params == "pairs":
+            raise ValueError(
+                "mlo.hyper_params 'pairs' has no private version; use arch, decoder or all under DP"
+            )
         super().__init__(mlo, networks, train, val, augmenter, device=device, seed=seed)
         self.privacy = privacy
         self.target_epsilon = float(epsilon)
@@ -112,27 +118,14 @@ class PrivateGenSegTrainer(GenSegTrainer):
                 )
 
     # ------------------------------------------------------------------ schedule and budget
-    def _runs(self, iteration: int) -> list[str]:
-        """Mechanisms that run at ``iteration`` (as :meth:`step` does)."""
-        mlo = self.mlo
-        names = [] if mlo.mode == "seg-only" else ["disc", "gen"]
-        synthetic = mlo.mode != "seg-only" and iteration >= mlo.gan_warmup and mlo.synthetic_per_real > 0
-        if mlo.mode == "genseg" and synthetic and iteration % mlo.hyper_every == 0:
-            names.append("hyper")
-        return [*names, "seg"]
-
-    def _counts(self, start: int, iterations: int) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for i in range(start, start + iterations):
-            for name in self._runs(i):
-                counts[name] = counts.get(name, 0) + 1
-        return counts
+    def _counts(self, start: int, steps: int) -> dict[str, int]:
+        return dict(count_releases(self.mlo, start, steps))
 
     def _calibrate(self) -> dict[str, Mechanism]:
         p = self.privacy
         ratio = {"disc": 1.0, "gen": 1.0, "seg": 1.0, "hyper": p.level3_noise_ratio}
         rate = {"disc": self.sample_rate, "gen": self.sample_rate, "seg": self.sample_rate, "hyper": 1.0}
-        counts = self._counts(0, self.planned_iterations)
+        counts = self._counts(0, self.pretrain_steps + self.planned_iterations)
         if p.noise_multiplier is not None:
             scale = p.noise_multiplier
         else:
@@ -141,10 +134,6 @@ class PrivateGenSegTrainer(GenSegTrainer):
                 target_epsilon=self.target_epsilon, delta=self.accountant.delta, schedule=schedule
             )
         clips = {"disc": p.clip_disc, "gen": p.clip_gen, "seg": p.clip_seg, "hyper": p.clip_hyper}
-        mlo = self.mlo
-        used = {"seg"} | ({"disc", "gen"} if mlo.mode != "seg-only" else set())
-        if mlo.mode == "genseg" and mlo.synthetic_per_real > 0:
-            used.add("hyper")
         return {
             n: Mechanism(
                 n,
@@ -154,12 +143,13 @@ class PrivateGenSegTrainer(GenSegTrainer):
                 sensitivity=2.0 * clips[n] if n == "hyper" else clips[n],
             )
             for n in ratio
-            if n in used
+            if n in counts
         }
 
     def planned(self, iterations: int) -> dict[Mechanism, int]:
-        """Releases the next ``iterations`` iterations will make."""
-        return {self.mechanisms[n]: c for n, c in self._counts(self.iteration, iterations).items()}
+        """Releases the next ``iterations`` main iterations will make (with any pending pre-training)."""
+        steps = max(0, self.pretrain_steps - self.iteration) + iterations
+        return {self.mechanisms[n]: c for n, c in self._counts(self.iteration, steps).items()}
 
     def epsilon(self) -> float:
         """Epsilon spent so far (all mechanisms composed) at this site's delta."""
@@ -199,25 +189,34 @@ class PrivateGenSegTrainer(GenSegTrainer):
         self.accountant.step(self.mechanisms[name])
 
     def step(self, proximal: Mapping[str, Proximal] | None = None) -> dict[str, float]:
-        """One private GenSeg iteration; returns losses (kept on site) and per-level seconds."""
+        """One private step; returns losses (kept on site) and per-level seconds."""
         proximal = proximal or {}
         out: dict[str, float] = {}
-        runs = self._runs(self.iteration)
-        if "disc" in runs:
+        levels = levels_at(self.mlo, self.iteration)
+        if levels.level1:
             t0 = time.perf_counter()
+            self._set_gen_lr(levels)
             out["loss_disc"] = self._disc_step(self._poisson())
             out["loss_gen"] = self._gen_step(self._poisson(), proximal.get("generator"))
             out["time_level1"] = time.perf_counter() - t0
-        if "hyper" in runs:
+        if levels.pretrain:
+            self.iteration += 1
+            return out
+        if levels.refresh:
+            self.pool.refresh(self.nets.generator, self.augmenter, intensity=self.augment.synthetic_intensity)
+        if levels.level3:
             t0 = time.perf_counter()
-            images, masks = self._sample()  # any batch: level III claims no amplification
-            hg, _ = self._hypergradient(images, masks, self._synthetic_masks(masks))
+            rows = self._sample_rows()  # any batch: level III claims no amplification
+            images, masks = self._real(rows, classic=True)
+            hg = self._hypergradient(images, masks, *self._synthetic(rows, attached=True))
             self._apply_hypergradient(hg.grads)
             out["loss_val_unrolled"] = hg.val_loss
             out["hypergrad_norm"] = float(torch.sqrt(sum(g.pow(2).sum() for g in hg.grads)))
             out["time_level3"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out["loss_seg"] = self._seg_step(self._poisson(), proximal.get("segmenter"))
+        out["loss_seg"] = self._seg_step(
+            self._poisson(), proximal.get("segmenter"), synthetic=levels.synthetic
+        )
         out["time_level2"] = time.perf_counter() - t0
         self.iteration += 1
         return out
@@ -280,17 +279,12 @@ class PrivateGenSegTrainer(GenSegTrainer):
         self._release("gen")
         return float(losses.mean()) if losses.numel() else math.nan
 
-    def _seg_step(self, batch: RecordBatch, proximal: Proximal | None) -> float:
+    def _seg_step(self, batch: RecordBatch, proximal: Proximal | None, *, synthetic: bool) -> float:
         mlo, seg = self.mlo, self.nets.segmenter
-        images, masks = self._rows(batch)  # (R, C, H, W), (R, 1, H, W)
+        images, masks = self._real(batch.rows, classic=True)  # (R, C, H, W), (R, 1, H, W)
         k = mlo.synthetic_per_real
-        uses_synthetic = (
-            mlo.mode != "seg-only" and self.iteration >= mlo.gan_warmup and k > 0 and batch.rows.numel() > 0
-        )
-        if uses_synthetic:
-            syn_masks = self._synthetic_masks(masks)  # (k * R, ...): copy j of row r at j * R + r
-            with torch.no_grad():
-                syn_images = self.nets.generator(syn_masks)
+        if synthetic and batch.rows.numel() > 0:
+            syn_images, syn_masks = self._synthetic(batch.rows, attached=False)  # copy j of row r at j*R + r
             r = images.shape[0]
             syn_masks = syn_masks.view(k, r, *syn_masks.shape[1:]).transpose(0, 1)
             syn_images = syn_images.view(k, r, *syn_images.shape[1:]).transpose(0, 1)

@@ -34,7 +34,8 @@ TINY_CONFIG = {
         "disc_features": 8,
         "disc_layers": 2,
     },
-    "mlo": {"batch_size": 2},
+    # Tiny generator pre-training and pool so that every phase of GenSeg runs in a few steps.
+    "mlo": {"batch_size": 2, "pretrain_iterations": 2, "pool_size": 2, "pool_refresh": 3},
     "federation": {"rounds": 2, "local_iterations": 2, "wait_timeout": 60.0, "round_timeout": 120.0},
 }
 

@@ -49,8 +49,9 @@ def test_a_site_whose_budget_is_spent_declines_and_sends_no_more_weights(tiny_fe
         "delta": delta,
         "sites": [{"name": "site-b", "epsilon": budget_b}],
     }
+    per_step = {"mlo.pretrain_iterations": 0, "mlo.gen_every": 1, "mlo.hyper_every": 1}  # as _epsilon_after
     grid, out = _federation(
-        tiny_federation, privacy, **{"federation.rounds": 3, "federation.local_iterations": 1}
+        tiny_federation, privacy, **{"federation.rounds": 3, "federation.local_iterations": 1, **per_step}
     )
     _run(grid, out)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -11,11 +11,20 @@ import torch
 
 import genseg_fed.privacy.trainer as private_trainer
 from genseg_fed.config import AugmentConfig, MLOConfig, ModelConfig, PrivacyConfig
-from genseg_fed.data import MaskAugmenter, SiteData
+from genseg_fed.data import Augmenter, SiteData
 from genseg_fed.mlo.trainer import GenSegTrainer, build_networks
 from genseg_fed.privacy import BudgetSpent, PrivateGenSegTrainer
 
 SIZE = 32
+# The per-step GenSeg of the first version (no pre-training, no pool, every level every step, exact
+# hypergradient); tests that exercise the newer schedule set those keys themselves.
+PER_STEP = {
+    "pretrain_iterations": 0,
+    "pool_size": 0,
+    "gen_every": 1,
+    "hyper_every": 1,
+    "hyper_estimator": "exact",
+}
 TINY = ModelConfig(seg_features=(8, 16, 32), gen_features=8, gen_depth=2, disc_features=8, disc_layers=2)
 
 
@@ -42,14 +51,14 @@ def _trainer(
     **mlo: object,
 ) -> PrivateGenSegTrainer:
     torch.manual_seed(0)
-    cfg = MLOConfig(mode=mode, batch_size=3, **mlo)
+    cfg = MLOConfig(mode=mode, batch_size=3, **{**PER_STEP, **mlo})
     nets = build_networks(TINY, channels=1, image_size=SIZE, mode=mode)
     return PrivateGenSegTrainer(
         cfg,
         nets,
         _site(n, 0, slices),
         _site(2, 1),
-        MaskAugmenter(AugmentConfig(), seed=0),
+        Augmenter(AugmentConfig(), seed=0),
         device=torch.device("cpu"),
         privacy=privacy or PrivacyConfig(enabled=True),
         epsilon=epsilon,
@@ -221,3 +230,32 @@ def test_smaller_budget_means_more_noise() -> None:
     sigmas = [_trainer("seg-only", epsilon=e).mechanisms["seg"].noise_multiplier for e in (1.0, 3.0, 8.0)]
     assert sigmas[0] > sigmas[1] > sigmas[2] > 0
     assert _trainer("seg-only", epsilon=float("inf")).mechanisms["seg"].noise_multiplier == 0.0
+
+
+def test_private_and_plain_trainers_follow_one_schedule_for_a_long_run() -> None:
+    """Both trainers run the levels genseg_fed.mlo.schedule names at every step, and the accountant
+    records exactly those releases (pre-training, level I every k, level III every k included)."""
+    from genseg_fed.mlo.schedule import count_releases, levels_at
+
+    kw = {"pretrain_iterations": 3, "gen_every": 4, "hyper_every": 3, "pool_size": 2, "pool_refresh": 5}
+    private = _trainer(planned=20, **kw)
+    torch.manual_seed(0)
+    plain = GenSegTrainer(
+        private.mlo,
+        build_networks(TINY, channels=1, image_size=SIZE, mode="genseg"),
+        _site(6, 0),
+        _site(2, 1),
+        Augmenter(AugmentConfig(), seed=0),
+        device=torch.device("cpu"),
+    )
+    steps = private.pretrain_steps + 20
+    for step in range(steps):
+        want = levels_at(private.mlo, step)
+        for trainer in (private, plain):
+            out = trainer.step()
+            assert ("time_level1" in out) == want.level1, step
+            assert ("time_level3" in out) == want.level3, step
+            assert ("time_level2" in out) == want.level2, step
+    released = {name: private.accountant.steps(name) for name in ("disc", "gen", "hyper", "seg")}
+    assert released == dict(count_releases(private.mlo, 0, steps))
+    assert private.pool.refreshes == plain.pool.refreshes == 4
