@@ -11,6 +11,19 @@ mid-way resumes from its coordinator checkpoint, so a killed benchmark continues
 A job can yield several *methods*: a FedAvg run with ``federation.baselines`` also trains, at each site,
 a local-only model with the same budget (``local:<site>`` rows of the cross-site matrix); those are the
 ``local-*`` methods.
+
+**Protocol** (the same for every size and method):
+
+* **N counts labelled images per site**: training plus validation (``data.n_train = N - data.n_val``). A
+  method without level III trains on the validation images too (the library's fair data-access rule,
+  ``genseg_fed.data.splits.training_split``), so every method of a ``(dataset, N, seed)`` reads exactly the
+  same N labelled images per site (``labelled`` in each ``result.json``; tested in ``tests/bench``).
+* **Each seed resamples which N images a site labels** (``data.subset_seed = seed``) as well as the
+  initialisation and batches; the test split depends only on ``data.split_seed`` and stays fixed.
+* **Cost**: every run records wall and process CPU time (``time.process_time()``; an in-process federated
+  run is one process: all its sites and the coordinator), and per method the CPU time of its training.
+
+Statistics live in :mod:`bench.stats`.
 """
 
 from __future__ import annotations
@@ -21,7 +34,6 @@ import logging
 import math
 import os
 import platform
-import random
 import subprocess
 import sys
 import threading
@@ -32,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.stats import Estimate
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("bench")
@@ -107,6 +121,7 @@ class Dataset:
     simulated_shift: bool
     overrides: tuple[str, ...] = ()
     per_volume: bool = False  # groups are volumes: also report per-volume (3D) Dice
+    family: str = ""  # datasets of one family (the leave-one-site-out splits) are corrected together
 
     @property
     def path(self) -> Path:
@@ -121,18 +136,21 @@ DATASETS: dict[str, Dataset] = {
             "configs/skin3-loso-dermis.yaml",
             "real skin federation, PH2 (dermoscopy) + DermQuest (clinical photos) train, DermIS held out",
             simulated_shift=False,
+            family="skin-loso",
         ),
         Dataset(
             "skin-loso-ph2",
             "configs/skin3-loso-ph2.yaml",
             "real skin federation, DermIS + DermQuest (clinical photos) train, PH2 (dermoscopy) held out",
             simulated_shift=False,
+            family="skin-loso",
         ),
         Dataset(
             "skin-loso-dermquest",
             "configs/skin3-loso-dermquest.yaml",
             "real skin federation, PH2 + DermIS train, DermQuest held out",
             simulated_shift=False,
+            family="skin-loso",
         ),
         Dataset(
             "mni152",
@@ -171,17 +189,33 @@ class Job:
     baselines: bool = False  # federated only: also train local-only models of the same budget
 
 
+CLASSIC = "augment.classic=true"  # flips + affine + intensity jitter of the real pairs (the trainer's option)
+PLAIN = "augment.classic=false"  # no augmentation of the real pairs (classic is on by default)
+
 JOBS: dict[str, Job] = {
     j.name: j
     for j in (
         Job(
             "fedavg-seg-only",
             "fed",
-            ("mlo.mode=seg-only", "federation.strategy=fedavg"),
+            ("mlo.mode=seg-only", "federation.strategy=fedavg", PLAIN),
             ("fedavg-seg-only", "local-seg-only"),
             baselines=True,
         ),
-        Job("fedavg-aug", "fed", ("mlo.mode=aug", "federation.strategy=fedavg"), ("fedavg-aug",)),
+        Job(
+            "fedavg-seg-only-classic",
+            "fed",
+            ("mlo.mode=seg-only", "federation.strategy=fedavg", CLASSIC),
+            ("fedavg-seg-only-classic", "local-seg-only-classic"),
+            baselines=True,
+        ),
+        Job(
+            "fedavg-aug",
+            "fed",
+            ("mlo.mode=aug", "federation.strategy=fedavg"),
+            ("fedavg-aug", "local-aug"),
+            baselines=True,
+        ),
         Job(
             "fedavg-genseg",
             "fed",
@@ -201,14 +235,18 @@ JOBS: dict[str, Job] = {
             ("mlo.mode=genseg", "federation.strategy=fedavg", "federation.local_norm=true"),
             ("fedbn-genseg",),
         ),
-        Job("pooled-seg-only", "pooled", ("mlo.mode=seg-only",), ("pooled-seg-only",)),
+        Job("pooled-seg-only", "pooled", ("mlo.mode=seg-only", PLAIN), ("pooled-seg-only",)),
+        Job(
+            "pooled-seg-only-classic", "pooled", ("mlo.mode=seg-only", CLASSIC), ("pooled-seg-only-classic",)
+        ),
         Job("pooled-genseg", "pooled", ("mlo.mode=genseg",), ("pooled-genseg",)),
     )
 }
 
 METHOD_JOB = {m: j.name for j in JOBS.values() for m in j.yields}
 METHODS = tuple(METHOD_JOB)  # in table order
-REFERENCE = "fedavg-seg-only"  # paired differences are against this method
+REFERENCE = "fedavg-seg-only"  # paired differences are against this method (and CLASSIC_REFERENCE)
+CLASSIC_REFERENCE = "fedavg-seg-only-classic"  # what practitioners use: the headline comparison
 GENSEG = "fedavg-genseg"
 
 
@@ -225,13 +263,37 @@ def jobs_for(methods: Iterable[str]) -> list[Job]:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Local training per site: ``rounds`` x ``local_iterations`` (a local-only or pooled model gets the same)."""
+
+    rounds: int
+    local_iterations: int
+
+    @property
+    def iterations(self) -> int:
+        return self.rounds * self.local_iterations
+
+    def overrides(self) -> tuple[str, ...]:
+        return (f"federation.rounds={self.rounds}", f"federation.local_iterations={self.local_iterations}")
+
+
+# THE converged budget of the headline tables, chosen from bench/convergence.py's curves (FedAvg seg-only,
+# with and without classic augmentation, Dice on an inner validation split against local iterations):
+# the smallest rounds x local iterations after which the curve no longer rises. Change it here only;
+# every study of the converged size and the convergence study's marker follow.
+CONVERGED_BUDGET = Budget(rounds=20, local_iterations=50)
+CONVERGED_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
 class Size:
-    """Training budget and geometry of a study size (``--quick`` or full)."""
+    """Training budget and geometry of a study size, and what its numbers may be used for (``note``)."""
 
     name: str
     overrides: tuple[str, ...]  # applied after the dataset's YAML
     seeds: tuple[int, ...]
-    ns: tuple[int, ...]
+    ns: tuple[int, ...]  # labelled images per site (training + validation)
+    note: str = ""  # printed at the top of every table of this size
 
     def budget(self, cfg: Any) -> int:
         """Local iterations per site over the whole run (rounds x local iterations)."""
@@ -243,11 +305,40 @@ QUICK = Size(
     ("data.image_size=32", "federation.rounds=2", "federation.local_iterations=20"),
     seeds=(0, 1, 2),
     ns=(9,),
+    note="QUICK size: a CI-sized smoke run (32 px, 2 x 20 local iterations). It checks that the pipeline "
+    "works; every method is far from converged, so its numbers are not evidence for or against one.",
 )
-# the configs' own budget (5 rounds x 30 local iterations) at the quick geometry: ~1 h on 2 loaded CPU cores
-MEDIUM = Size("medium", ("data.image_size=32",), seeds=(0, 1, 2), ns=(9,))
-FULL = Size("full", (), seeds=(0, 1, 2, 3, 4), ns=(9, 20, 50))  # the configs' own size and budget
-SIZES = {s.name: s for s in (QUICK, MEDIUM, FULL)}
+MEDIUM = Size(
+    "medium",
+    ("data.image_size=32",),
+    seeds=(0, 1, 2),
+    ns=(9,),
+    note="MEDIUM size: 32 px, the configs' 5 x 30 local iterations; under-trained (see the convergence study).",
+)
+CONVERGED = Size(
+    "converged",
+    (f"data.image_size={CONVERGED_IMAGE_SIZE}", *CONVERGED_BUDGET.overrides()),
+    seeds=tuple(range(8)),
+    ns=(9, 20, 50),
+    note=f"CONVERGED size: {CONVERGED_IMAGE_SIZE} px, {CONVERGED_BUDGET.rounds} rounds x "
+    f"{CONVERGED_BUDGET.local_iterations} local iterations (bench/common.py CONVERGED_BUDGET, chosen from "
+    "bench/convergence.py); each seed also resamples which images are labelled.",
+)
+FULL = Size(
+    "full",
+    (),
+    seeds=(0, 1, 2, 3, 4),
+    ns=(9, 20, 50),
+    note="FULL size: the configs' own size and budget (64 px, 5 x 30 local iterations); under-trained "
+    "(see the convergence study).",
+)
+SIZES = {s.name: s for s in (QUICK, MEDIUM, CONVERGED, FULL)}
+
+PROTOCOL = (
+    "N = labelled images per site (training + validation); methods without level III train on the "
+    "validation images; each seed resamples which images are labelled (data.subset_seed = seed); "
+    "fixed test split (data.split_seed)"
+)
 
 
 # ----------------------------------------------------------------------------------------- run store
@@ -305,9 +396,18 @@ def study_meta(size: Size, threads: int) -> dict[str, Any]:
     return {
         "command": command_line(),
         "size": size.name,
+        "size_note": size.note,
         "size_overrides": list(size.overrides),
+        "protocol": PROTOCOL,
         "machine": machine_info(threads),
     }
+
+
+def size_banner(size_name: str) -> str:
+    """The line every table of a size starts with (what its numbers may be used for)."""
+    size = SIZES.get(size_name)
+    note = size.note if size and size.note else f"size {size_name}"
+    return f"> **{note}**\n"
 
 
 def finish_study(
@@ -317,7 +417,15 @@ def finish_study(
     results: Sequence[Mapping[str, Any]],
     summary: Any,
 ) -> None:
-    """Write ``out/summary.json`` (``meta`` plus timings, and ``summary``), print ``out/tables.md``."""
+    """Write ``out/summary.json`` (``meta`` plus timings, and ``summary``), start ``out/tables.md`` with
+    the size's banner (a quick table says it is a smoke run) and print it."""
+    tables = out / "tables.md"
+    if tables.is_file() and meta.get("size"):
+        text = tables.read_text()
+        note = meta.get("size_note")
+        banner = f"> **{note}**\n" if note else size_banner(str(meta["size"]))
+        if not text.startswith(banner):
+            tables.write_text(banner + "\n" + text)
     meta = {
         **meta,
         "seconds": time.perf_counter() - started,
@@ -375,12 +483,22 @@ def run_lock(folder: Path) -> Iterator[bool]:
 def experiment_overrides(
     dataset: Dataset, size: Size, job: Job, n: int, seed: int, extra: Sequence[str]
 ) -> list[str]:
-    """Every ``key=value`` override of one run, in the order they apply."""
+    """Every ``key=value`` override of one run, in the order they apply.
+
+    ``n`` is the number of labelled images (groups) per site, training plus validation:
+    ``data.n_train = n - data.n_val``. ``seed`` also resamples which ones (``data.subset_seed``).
+    """
+    before = [*dataset.overrides, *size.overrides, *job.overrides]
+    n_val = load_experiment(dataset, [*before, *extra]).data.n_val
+    if n <= n_val:
+        raise ValueError(
+            f"N = {n} labelled images per site leaves no training image after the {n_val} validation "
+            f"images (data.n_val) of {dataset.name}; N counts training + validation images"
+        )
     return [
-        *dataset.overrides,
-        *size.overrides,
-        *job.overrides,
-        f"data.n_train={n}",
+        *before,
+        f"data.n_train={n - n_val}",
+        f"data.subset_seed={seed}",
         f"seed={seed}",
         f"federation.baselines={str(job.baselines).lower()}",
         *extra,
@@ -479,8 +597,8 @@ def run_federated(
     return {"history": history, "traffic": traffic, "seconds": seconds, "resumed": resume}
 
 
-def fed_methods(job: Job, history: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Per-site test Dice of each method a federated run yields.
+def fed_methods(job: Job, history: Mapping[str, Any], metric: str = "dice") -> dict[str, dict[str, float]]:
+    """Per-site test Dice (or ``metric``: ``iou``, ``hd95``) of each method a federated run yields.
 
     * the job's federated method: the global model after the last round, as each site evaluates it
       (FedBN-style runs: with the site's own normalisation layers; held-out sites: the global model);
@@ -489,13 +607,15 @@ def fed_methods(job: Job, history: Mapping[str, Any]) -> dict[str, dict[str, flo
     """
     last = history["rounds"][-1]["evaluate"]
     out: dict[str, dict[str, float]] = {
-        job.yields[0]: {site: float(m["global"]["dice"]) for site, m in last.items() if "global" in m}
+        job.yields[0]: {
+            site: float(m["global"][metric]) for site, m in last.items() if metric in m.get("global", {})
+        }
     }
     cross = history.get("crosssite")
     local_names = [m for m in job.yields if m.startswith("local-")]
     if local_names and cross:
         models, sites, heldout = cross["models"], cross["sites"], set(cross["heldout"])
-        dice = cross["dice"]
+        dice = cross[metric]
         local: dict[str, float] = {}
         for j, site in enumerate(sites):
             if site in heldout:
@@ -608,6 +728,49 @@ def _final_models(job: Job, folder: Path, history: Mapping[str, Any]) -> dict[st
     return models
 
 
+def labelled_images(cfg: Any) -> dict[str, list[str]]:
+    """``{site: sorted ids}`` of the labelled (training + validation) images of every training site, as
+    the library's split gives them for ``cfg`` (the same for every method of a dataset, N and seed)."""
+    from genseg_fed.local import load_split
+
+    out = {}
+    for spec in cfg.data.sites:
+        split = load_split(cfg, spec)
+        out[spec.name] = sorted({*split.train.ids, *split.val.ids})
+    return out
+
+
+def fed_costs(job: Job, history: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Training time of each method of a federated run, summed over training sites (and rounds).
+
+    ``train_seconds`` / ``train_cpu_seconds``: wall and process CPU time of the optimisation steps,
+    measured on site (the federated method: every round's train metrics; a ``local-*`` method: the
+    local-only training the sites report with their baselines). The federated method also gets
+    ``round_cpu_seconds``: the sites' whole train handlers (set-up, steps, checkpoint, sample grid).
+    """
+
+    def total(records: Sequence[Mapping[str, Any]], key: str) -> float:
+        values = [float(r[key]) for r in records if key in r]
+        return float(sum(values)) if values else math.nan
+
+    train = [m for r in history["rounds"] for m in r["train"].values()]
+    out = {
+        job.yields[0]: {
+            "train_seconds": total(train, "train_seconds"),
+            "train_cpu_seconds": total(train, "train_cpu_seconds"),
+            "round_cpu_seconds": total(train, "cpu_seconds"),
+        }
+    }
+    local = [m for m in job.yields if m.startswith("local-")]
+    baselines = list(history.get("baselines", {}).values())
+    if local and baselines:
+        out[local[0]] = {
+            "train_seconds": total(baselines, "train_seconds"),
+            "train_cpu_seconds": total(baselines, "train_cpu_seconds"),
+        }
+    return out
+
+
 def run_job(
     root: Path,
     dataset: Dataset,
@@ -638,6 +801,7 @@ def run_job(
             "n": n,
             "seed": seed,
             "size": size.name,
+            "protocol": PROTOCOL,
             "run_overrides": overrides,
             "overrides": overrides,
             "simulated_shift": dataset.simulated_shift,
@@ -645,11 +809,14 @@ def run_job(
                 "train": [s.name for s in cfg.data.sites],
                 "heldout": [s.name for s in cfg.data.heldout],
             },
+            "labelled": labelled_images(cfg),
         }
         if job.kind == "fed":
             fed = run_federated(dataset.path, overrides, folder, progress=progress)
             history = fed["history"]
             result["methods"] = fed_methods(job, history)
+            result["methods_iou"] = fed_methods(job, history, "iou")  # the GenSeg paper reports Jaccard
+            result["cost"] = fed_costs(job, history)
             result["rounds"] = [
                 {
                     "round": r["round"],
@@ -677,6 +844,13 @@ def run_job(
             result["overrides"] = [*overrides, f"mlo.iterations={iterations}"]
             metrics = train_pooled(cfg, folder, progress=progress)
             result["methods"] = {job.yields[0]: {s: float(m["dice"]) for s, m in metrics["test"].items()}}
+            result["methods_iou"] = {job.yields[0]: {s: float(m["iou"]) for s, m in metrics["test"].items()}}
+            result["cost"] = {
+                job.yields[0]: {
+                    "train_seconds": metrics["train_seconds"],
+                    "train_cpu_seconds": metrics["train_cpu_seconds"],
+                }
+            }
             result["counts"] = metrics["counts"]
             if dataset.per_volume:
                 import torch
@@ -686,7 +860,8 @@ def run_job(
                 }
                 result["methods_per_volume"] = volume_dice(cfg, {job.yields[0]: weights})
         result["seconds"] = time.perf_counter() - started
-        result["cpu_seconds"] = time.process_time() - cpu_started  # this process: user + system
+        # this process, all its threads, user + system: the whole run (all sites, coordinator, evaluation)
+        result["cpu_seconds"] = time.process_time() - cpu_started
         result["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         result["finished"] = time.time()
         write_json(result, folder / RESULT_FILE)
@@ -713,11 +888,11 @@ def run_grid(
 
     plan = []
     for dataset in datasets:
-        limit = max_n_train(dataset, size)
+        limit = max_n(dataset, size)
         for n in ns:
             if n > limit:
                 logger.warning(
-                    "%s: N=%d skipped (at most %d training images per site)", dataset.name, n, limit
+                    "%s: N=%d skipped (at most %d labelled images per site)", dataset.name, n, limit
                 )
                 continue
             plan += [(dataset, job, n, seed) for seed in seeds for job in jobs]
@@ -741,24 +916,43 @@ def run_grid(
     return results
 
 
-def max_n_train(dataset: Dataset, size: Size) -> int:
-    """The largest N every training site of ``dataset`` allows (groups left after test and validation)."""
+def check_plan(datasets: Sequence[Dataset], size: Size, jobs: Sequence[Job], extra: Sequence[str]) -> None:
+    """Load every (dataset, job) config once before anything runs, so a bad override (e.g. a config key
+    this checkout does not have yet) stops the study at once with the config's own message."""
+    from genseg_fed.config import ConfigError
+
+    for dataset in datasets:
+        for job in jobs:
+            try:
+                load_experiment(dataset, [*dataset.overrides, *size.overrides, *job.overrides, *extra])
+            except ConfigError as exc:
+                raise ConfigError(f"{dataset.name} / {job.name}: {exc}") from exc
+
+
+def max_n(dataset: Dataset, size: Size) -> int:
+    """The largest N (labelled groups per site) every training site of ``dataset`` allows: the groups
+    left after its test split."""
     from genseg_fed.local import load_split
 
     cfg = load_experiment(dataset, [*dataset.overrides, *size.overrides, "data.n_train=null"])
-    return min(len(set(load_split(cfg, s).train.groups)) for s in cfg.data.sites)
+    splits = [load_split(cfg, s) for s in cfg.data.sites]
+    return min(len(set(sp.train.groups)) + len(set(sp.val.groups)) for sp in splits)
 
 
 # ----------------------------------------------------------------------------------------- rows
 
 
-def method_rows(results: Iterable[Mapping[str, Any]], *, per_volume: bool = False) -> list[dict[str, Any]]:
+def method_rows(
+    results: Iterable[Mapping[str, Any]], *, per_volume: bool = False, iou: bool = False
+) -> list[dict[str, Any]]:
     """Long table: one row per (dataset, method, N, seed, site) with the site's role and test Dice
-    (per image; ``per_volume``: per volume, for the runs that have it)."""
+    (per image; ``per_volume``: per volume, for the runs that have it; ``iou``: the IoU (Jaccard) of the
+    same models, in the ``dice`` column)."""
+    key = "methods_per_volume" if per_volume else "methods_iou" if iou else "methods"
     rows = []
     for r in results:
         heldout = set(r["sites"]["heldout"])
-        methods = r.get("methods_per_volume", {}) if per_volume else r["methods"]
+        methods = r.get(key, {})
         for method, per_site in methods.items():
             for site, dice in per_site.items():
                 rows.append(
@@ -795,121 +989,6 @@ def per_seed_scores(
         scores["heldout"] = float(np.mean(held)) if held else math.nan
         out.setdefault((dataset, method, n), {})[seed] = scores
     return out
-
-
-# ----------------------------------------------------------------------------------------- statistics
-
-# two-sided 95% Student t quantiles t_{0.975, df} for small df (df >= 31 uses the normal value 1.96)
-_T975 = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-    11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-    20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-    29: 2.045, 30: 2.042,
-}  # fmt: skip
-
-
-def t_quantile(df: int) -> float:
-    """Two-sided 95% Student t quantile (table for df <= 30, 1.96 beyond)."""
-    if df < 1:
-        return math.nan
-    return _T975.get(df, 1.96)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Mean over seeds with sample std and a 95% t confidence interval (nan when n < 2)."""
-
-    mean: float
-    std: float
-    n: int
-    lo: float
-    hi: float
-
-    @classmethod
-    def of(cls, values: Iterable[float]) -> Estimate:
-        x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-        n = int(x.size)
-        if n == 0:
-            return cls(math.nan, math.nan, 0, math.nan, math.nan)
-        mean = float(x.mean())
-        if n < 2:
-            return cls(mean, math.nan, n, math.nan, math.nan)
-        std = float(x.std(ddof=1))
-        half = t_quantile(n - 1) * std / math.sqrt(n)
-        return cls(mean, std, n, mean - half, mean + half)
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "std": self.std, "n": self.n, "ci_lo": self.lo, "ci_hi": self.hi}
-
-
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Estimate:
-    """Mean of per-seed differences ``a[seed] - b[seed]`` over the seeds both have, with its 95% t CI."""
-    seeds = sorted(set(a) & set(b))
-    return Estimate.of(a[s] - b[s] for s in seeds)
-
-
-def crossing_n(
-    ns: Sequence[float], values: Sequence[float], target: float
-) -> tuple[float | None, float | None]:
-    """Where a Dice-vs-N curve first reaches ``target``: (smallest grid N with value >= target, linear
-    interpolation in N between the last grid point below and that one). (None, None): never reached."""
-    pairs = sorted((float(n), float(v)) for n, v in zip(ns, values, strict=True) if math.isfinite(v))
-    for i, (n, v) in enumerate(pairs):
-        if v >= target:
-            if i == 0:
-                return n, n
-            n0, v0 = pairs[i - 1]
-            return n, n0 + (target - v0) * (n - n0) / (v - v0)
-    return None, None
-
-
-def efficiency_factor(
-    curve: Mapping[int, Mapping[int, float]], target: Mapping[int, float], base_n: int
-) -> dict[str, Any]:
-    """The data-efficiency factor: smallest N at which the reference curve matches ``target`` (the
-    other method's Dice at ``base_n``), divided by ``base_n``.
-
-    Args:
-        curve: ``{N: {seed: Dice}}`` of the reference method (FedAvg seg-only).
-        target: ``{seed: Dice}`` of the compared method at ``base_n`` (FedAvg genseg at N = 9).
-        base_n: the compared method's N.
-
-    Returns the factor on the grid and interpolated (``None`` when the curve never reaches the target:
-    then ``lower_bound`` = largest N / base_n), per-seed factors (seed-paired), and a bootstrap over
-    seeds (2.5 / 97.5 percentiles; censored draws count as the lower bound).
-    """
-    ns = sorted(curve)
-    seeds = sorted(set(target).intersection(*[set(curve[n]) for n in ns])) if ns else []
-
-    def factor(sample: Sequence[int]) -> tuple[float | None, float | None]:
-        means = [float(np.mean([curve[n][s] for s in sample])) for n in ns]
-        goal = float(np.mean([target[s] for s in sample]))
-        grid, interp = crossing_n(ns, means, goal)
-        return (None if grid is None else grid / base_n, None if interp is None else interp / base_n)
-
-    out: dict[str, Any] = {
-        "base_n": base_n,
-        "ns": ns,
-        "seeds": seeds,
-        "lower_bound": max(ns) / base_n if ns else None,
-    }
-    if not seeds:
-        return out | {"grid": None, "interpolated": None, "per_seed": {}, "bootstrap": None}
-    grid, interp = factor(seeds)
-    per_seed = {s: factor([s])[1] for s in seeds}
-    rng = random.Random(0)
-    draws, censored = [], 0
-    for _ in range(2000):
-        f = factor([rng.choice(seeds) for _ in seeds])[1]
-        censored += f is None
-        draws.append(out["lower_bound"] if f is None else f)
-    boot = {
-        "lo": float(np.percentile(draws, 2.5)),
-        "hi": float(np.percentile(draws, 97.5)),
-        "draws": len(draws),
-        "censored": censored,
-    }
-    return out | {"grid": grid, "interpolated": interp, "per_seed": per_seed, "bootstrap": boot}
 
 
 # ----------------------------------------------------------------------------------------- output

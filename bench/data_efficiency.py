@@ -1,15 +1,19 @@
-"""Data-efficiency study: test Dice against N (labelled training images per site) and the factor.
+"""Data-efficiency study: test Dice against N (labelled images per site) and the data-efficiency factor.
 
-    python bench/data_efficiency.py --quick --threads 1    # skin, DermIS held out, N in {9, 20, 50}, 3 seeds
-    python bench/data_efficiency.py --device auto          # full: N in {9, 15, 20, 30, 50}, 5 seeds, all datasets
-    python bench/data_efficiency.py --ns 9 12 15 20 30 50 --methods fedavg-seg-only fedavg-genseg
+    python bench/data_efficiency.py --quick --threads 1            # smoke run: skin, DermIS held out, N in {9, 20, 50}
+    python bench/data_efficiency.py --size converged --threads 1   # headline: 3 skin splits, N in {9, 20, 50}, 8 seeds
+    python bench/data_efficiency.py --size converged --others-at-base-only   # other methods only at N = 9
 
+N counts labelled images per site (training + validation; methods without level III train on the
+validation images) and each seed resamples which ones, with nested sets as N grows (bench/common.py).
 The **data-efficiency factor** is the smallest N at which FedAvg ``seg-only`` matches FedAvg ``genseg`` at
 N = 9 (mean over seeds), divided by 9: the published GenSeg claims (8-20x less labelled data) are this
 number. It is given on the N grid and linearly interpolated between grid points, per seed (seeds are
-paired: same initialisation and batches), and with a bootstrap interval over seeds. A factor of 1 means
-seg-only at N = 9 already matches genseg; "> x" means seg-only never reached it up to the largest N.
-Computed for the mean test Dice of the training sites and for the held-out site.
+paired: same initialisation, batches and labelled images), and with a percentile bootstrap interval over
+seeds (bench/stats.py, ``scipy.stats.bootstrap``). A factor of 1 means seg-only at N = 9 already matches
+genseg; "> x" means seg-only never reached it up to the largest N. Computed for the mean test Dice of the
+training sites and for the held-out site. A split whose smallest training site has fewer labelled images
+than N skips that N (DermIS has 48 outside its test split, so N = 50 runs only with DermIS held out).
 
 Runs are shared with bench/accuracy.py (same ``--out`` folder, same size): a run either study already did
 is not repeated. Writes ``<out>/data_efficiency/``: ``curves.csv``, ``factor.csv``, ``summary.json``,
@@ -32,9 +36,8 @@ from bench.common import (
     QUICK,
     REFERENCE,
     SIZES,
-    Estimate,
     StudyOutput,
-    efficiency_factor,
+    check_plan,
     finish_study,
     fmt,
     get_dataset,
@@ -48,11 +51,11 @@ from bench.common import (
     study_meta,
     write_csv,
 )
+from bench.stats import Estimate, efficiency_factor
 
 QUICK_NS = (9, 20, 50)
-FULL_NS = (9, 15, 20, 30, 50)
 QUICK_DATASETS = ("skin-loso-dermis",)
-FULL_DATASETS = ("skin-loso-dermis", "skin-loso-ph2", "skin-loso-dermquest", "mni152")
+FULL_DATASETS = ("skin-loso-dermis", "skin-loso-ph2", "skin-loso-dermquest")
 BASE_N = 9
 TARGETS = {"train_mean": "mean test Dice of the training sites", "heldout": "test Dice on the held-out site"}
 
@@ -75,7 +78,10 @@ def factor_text(f: Mapping[str, Any]) -> str:
     )
 
 
-def summarise(results: Sequence[Mapping[str, Any]], out: Path, *, methods: Sequence[str]) -> dict[str, Any]:
+def summarise(
+    results: Sequence[Mapping[str, Any]], out: Path, *, methods: Sequence[str], size_label: str = ""
+) -> dict[str, Any]:
+    """Curves, factors, tables and plots from finished run results (``size_label``: in plot titles)."""
     scores = per_seed_scores(method_rows(results))
     curve_rows, factor_rows, tables = [], [], []
     summary: dict[str, Any] = {}
@@ -149,7 +155,15 @@ def summarise(results: Sequence[Mapping[str, Any]], out: Path, *, methods: Seque
             + "\n\n"
             + "\n".join(lines)
         )
-        _plot(out / f"data_efficiency_{dataset}.png", dataset, ns, scores, methods, summary.get(dataset, {}))
+        _plot(
+            out / f"data_efficiency_{dataset}.png",
+            dataset,
+            ns,
+            scores,
+            methods,
+            summary.get(dataset, {}),
+            label,
+        )
     write_csv(curve_rows, out / "curves.csv")
     write_csv(factor_rows, out / "factor.csv")
     (out / "tables.md").write_text("\n\n".join(tables) + "\n")
@@ -163,6 +177,7 @@ def _plot(
     scores: Mapping,
     methods: Sequence[str],
     factors: Mapping[str, Any],
+    size_label: str = "",
 ) -> None:
     import matplotlib
 
@@ -195,11 +210,11 @@ def _plot(
         ax.set_xscale("log")
         ax.set_xticks(list(ns), [str(n) for n in ns])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("labelled training images per site (N)")
+        ax.set_xlabel("labelled images per site (N, training + validation)")
         ax.set_title(label)
     axes[0].set_ylabel("test Dice (mean ± std over seeds)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(dataset)
+    fig.suptitle(dataset + (f" ({size_label})" if size_label else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -209,7 +224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the < 20 min size on 2 CPU cores (= --size quick)")
     ap.add_argument(
-        "--size", choices=sorted(SIZES), default="full", help="quick | medium | full (see bench/common.py)"
+        "--size",
+        choices=sorted(SIZES),
+        default="converged",
+        help="quick | medium | converged | full (see bench/common.py SIZES)",
     )
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=[REFERENCE, GENSEG])
@@ -218,9 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--out", type=Path, default=None, help="results folder (default bench/results/<quick|full>)"
-    )
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<size>)")
     ap.add_argument(
         "--others-at-base-only",
         action="store_true",
@@ -233,14 +249,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_runtime(args.threads)
     size = QUICK if args.quick else SIZES[args.size]
     root = args.out or Path("bench/results") / size.name
-    datasets = [
-        get_dataset(d) for d in (args.datasets or (QUICK_DATASETS if size.name != "full" else FULL_DATASETS))
-    ]
+    small = size.name in ("quick", "medium")
+    datasets = [get_dataset(d) for d in (args.datasets or (QUICK_DATASETS if small else FULL_DATASETS))]
     methods = list(dict.fromkeys([REFERENCE, GENSEG, *args.methods]))
-    ns = sorted(set(args.ns or (FULL_NS if size.name == "full" else QUICK_NS)) | {BASE_N})
+    ns = sorted(set(args.ns or (QUICK_NS if small else size.ns)) | {BASE_N})
     started = time.perf_counter()
     meta = study_meta(size, args.threads)
     extra = [f"device={args.device}", *args.extra]
+    check_plan(datasets, size, jobs_for(methods), extra)
     seeds = args.seeds or size.seeds
     if args.dry_run:
         run_grid(root, datasets, size, jobs_for(methods), ns, seeds, dry_run=True)
@@ -259,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     shown = [m for m in METHODS if m in {m for r in results for m in r["methods"]}]
     out = StudyOutput(root, "data_efficiency").folder
-    summary = summarise(results, out, methods=shown)
+    summary = summarise(results, out, methods=shown, size_label=size.name)
     finish_study(out, meta, started, results, summary)
 
 

@@ -27,7 +27,6 @@ from bench.common import (
     DATASETS,
     FULL,
     QUICK,
-    Estimate,
     RunKey,
     StudyOutput,
     experiment_overrides,
@@ -44,6 +43,7 @@ from bench.common import (
     write_json,
 )
 from bench.common import JOBS as _JOBS
+from bench.stats import Estimate
 
 EPSILONS = (1.0, 3.0, 8.0, math.inf)
 QUICK_SEEDS = (0, 1)

@@ -3,8 +3,8 @@
     python bench/publish.py                                   # bench/results/quick -> docs/results/quick
     python bench/publish.py --src bench/results/full --dst docs/results/full
 
-Only ``*.md``, ``*.csv``, ``*.json`` and ``*.png`` directly in each study folder (and its ``per_volume/``)
-are copied. Run folders (checkpoints, site states, each site's ``samples.png``, which shows the site's
+Only ``*.md``, ``*.csv``, ``*.json`` and ``*.png`` directly in each study folder (and its ``per_volume/``
+and ``iou/``) are copied. Run folders (checkpoints, site states, each site's ``samples.png``, which shows the site's
 images: the data sets' licences do not allow republishing them) stay in the results folder.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-STUDIES = ("accuracy", "data_efficiency", "privacy", "cost", "tune", "crosscheck")
+STUDIES = ("accuracy", "data_efficiency", "convergence", "privacy", "cost", "tune", "crosscheck")
 SUFFIXES = {".md", ".csv", ".json", ".png"}
 
 
@@ -24,7 +24,7 @@ def publish(src: Path, dst: Path) -> list[Path]:
         folder = src / study
         if not folder.is_dir():
             continue
-        for path in sorted([*folder.glob("*"), *folder.glob("per_volume/*")]):
+        for path in sorted([*folder.glob("*"), *folder.glob("per_volume/*"), *folder.glob("iou/*")]):
             rel = path.relative_to(folder)
             if path.is_file() and path.suffix in SUFFIXES and path.name != "samples.png":
                 target = dst / study / rel

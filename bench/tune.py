@@ -28,14 +28,12 @@ from bench.common import (
     FULL,
     QUICK,
     Dataset,
-    Estimate,
     Job,
     Size,
     ci,
     get_dataset,
     load_experiment,
     markdown_table,
-    paired_difference,
     pm,
     run_job,
     setup_runtime,
@@ -43,6 +41,7 @@ from bench.common import (
     write_csv,
     write_json,
 )
+from bench.stats import Estimate, paired_difference
 
 N = 9
 DEFAULT = ("mlo.hyper_params=arch", "mlo.hyper_lr=0.003", "mlo.hyper_every=1", "mlo.synthetic_per_real=1")
@@ -71,20 +70,20 @@ def _slug(label: str) -> str:
     return "tune-" + "".join(c if c.isalnum() or c in "-=." else "_" for c in label)
 
 
-def inner_dataset(dataset: Dataset, size: Size, root: Path) -> Dataset:
-    """The training sites without their test records, as folder sites, and an experiment YAML using them."""
+def inner_dataset(dataset: Dataset, size: Size, root: Path, *, study: str = "tune") -> Dataset:
+    """The training sites without their test records, as folder sites, and an experiment YAML using them
+    (under ``root/<study>/<dataset>/``; the dataset is named ``<study>-<dataset>``)."""
     import yaml
 
     from genseg_fed.config import config_to_dict
     from genseg_fed.data import write_site_folder
     from genseg_fed.local import load_split
 
-    folder = root / "tune" / dataset.name
+    folder = root / study / dataset.name
     path = folder / "experiment.yaml"
+    name = f"{study}-{dataset.name}"
     if path.is_file():
-        return Dataset(
-            f"tune-{dataset.name}", str(path), f"inner split of {dataset.name}", dataset.simulated_shift
-        )
+        return Dataset(name, str(path), f"inner split of {dataset.name}", dataset.simulated_shift)
     cfg = load_experiment(dataset, [*dataset.overrides, *size.overrides, "data.n_train=null"])
     sites = []
     for spec in cfg.data.sites:
@@ -105,13 +104,11 @@ def inner_dataset(dataset: Dataset, size: Size, root: Path) -> Dataset:
             write_site_folder(data, target)
         sites.append({"name": spec.name, "source": "folder", "path": str(target.resolve())})
     raw = config_to_dict(cfg)
-    raw["name"] = f"tune-{dataset.name}"
+    raw["name"] = name
     raw["data"].update({"sites": sites, "heldout": [], "split_seed": 1, "test_fraction": 0.3, "n_train": N})
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return Dataset(
-        f"tune-{dataset.name}", str(path), f"inner split of {dataset.name}", dataset.simulated_shift
-    )
+    return Dataset(name, str(path), f"inner split of {dataset.name}", dataset.simulated_shift)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

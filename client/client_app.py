@@ -94,7 +94,7 @@ def train_baselines(msg: Message, context: Context) -> Message:
     """Local-only (and fine-tuned) segmenters for the cross-site comparison."""
     config = msg.content.config_records["config"]
     try:
-        models = _session(msg, context).baselines(
+        models, metrics = _session(msg, context).baselines(
             record_to_weights(msg.content.array_records["initial"]),
             record_to_weights(msg.content.array_records["global"]),
             iterations=int(config["iterations"]),
@@ -103,6 +103,7 @@ def train_baselines(msg: Message, context: Context) -> Message:
     except BudgetSpent as exc:
         return _declined(msg, exc)
     content = RecordDict({kind: weights_to_record(w) for kind, w in models.items()})
+    content["metrics"] = metrics_to_record(metrics)
     return Message(content, reply_to=msg)
 
 

@@ -139,16 +139,21 @@ def _default_heldout() -> tuple[SiteSpec, ...]:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Sites, image geometry and the per-site train / validation / test split."""
+    """Sites, image geometry and the per-site train / validation / test split.
+
+    Each site labels ``n_train + n_val`` groups. Methods without level III train on the validation
+    groups too (the fair data-access rule, ``genseg_fed.data.splits.training_split``).
+    """
 
     image_size: int = field(default=64, metadata=_range(16, 1024))  # square side, pixels
     channels: Literal[1, 3] = 1  # images are converted to this many channels
     sites: tuple[SiteSpec, ...] = field(default_factory=_default_sites)  # sites that train
     heldout: tuple[SiteSpec, ...] = field(default_factory=_default_heldout)  # test-only sites
     n_train: int | None = field(default=9, metadata=_min(1))  # None: all that remain
-    n_val: int = field(default=3, metadata=_min(1))  # feeds level III, never leaves the site
+    n_val: int = field(default=3, metadata=_min(1))  # feeds level III (others train on it), stays on site
     test_fraction: float = field(default=0.4, metadata=_range(0.0, 0.9))
-    split_seed: int = 0
+    split_seed: int = 0  # fixes the test split
+    subset_seed: int | None = None  # reshuffles WHICH non-test images are labelled; None: split_seed's order
     empty_masks: EmptyMaskPolicy = "error"  # what to do with an all-background mask
 
 

@@ -458,6 +458,10 @@ class Coordinator:
                     continue
                 for kind, record in reply.content.array_records.items():
                     models[f"{kind}:{name}"] = record_to_weights(record)
+                if "metrics" in reply.content.metric_records:  # timings of the local-only training
+                    self.history.setdefault("baselines", {})[name] = metrics_from_record(
+                        reply.content.metric_records["metrics"]
+                    )
             failures += [
                 {"site": self._site_name(n), "stage": "baseline", "reason": "no reply"} for n in missing
             ]

@@ -18,7 +18,7 @@ from genseg_fed.data.folder import write_site_folder
 from genseg_fed.data.mni152 import PROFILES, AcquisitionProfile
 from genseg_fed.data.site import DataError, SiteData
 from genseg_fed.data.sources import READERS, load_site
-from genseg_fed.data.splits import SiteSplit, split_site
+from genseg_fed.data.splits import SiteSplit, split_for_training, split_site, training_split
 
 __all__ = [
     "PROFILES",
@@ -29,6 +29,8 @@ __all__ = [
     "SiteData",
     "SiteSplit",
     "load_site",
+    "split_for_training",
     "split_site",
+    "training_split",
     "write_site_folder",
 ]

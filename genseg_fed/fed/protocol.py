@@ -6,9 +6,12 @@ message type           coordinator sends                             site replie
 ``query``              config: run-key                               config: name, role, description,
                                                                      simulated-shift; metrics: counts
 ``train``              arrays: global weights; config: server-round, arrays: updated shared weights;
-                       local-iterations, run-key[, proximal-mu]      metrics: num-examples, losses, seconds
+                       local-iterations, run-key[, proximal-mu]      metrics: num-examples, losses, seconds,
+                                                                     cpu_seconds, train_seconds,
+                                                                     train_cpu_seconds
 ``train.baseline``     arrays ``initial`` and ``global``; config:    arrays ``local`` [and ``finetuned``]
-                       iterations, finetune-iterations, run-key      (segmenter weights); metrics: seconds
+                       iterations, finetune-iterations, run-key      (segmenter weights); metrics:
+                                                                     train_seconds, train_cpu_seconds
 ``evaluate``           one ``model:<name>`` array record per model;  metrics ``<name>|dice`` ... and
                        config: server-round, run-key, personalize    num-examples
 =====================  ============================================  ==========================================

@@ -30,7 +30,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, SiteSpec
-from ..data import Augmenter, SiteSplit, load_site, split_site
+from ..data import Augmenter, SiteSplit, load_site, split_for_training
 from ..data.site import stable_seed
 from ..evaluation.metrics import evaluate_segmenter
 from ..local import write_samples
@@ -90,14 +90,8 @@ class SiteSession:
         data = load_site(
             spec, image_size=cfg.data.image_size, channels=cfg.data.channels, empty_masks=cfg.data.empty_masks
         )
-        if role == "train":
-            self.split = split_site(
-                data,
-                n_train=cfg.data.n_train,
-                n_val=cfg.data.n_val,
-                test_fraction=cfg.data.test_fraction,
-                seed=cfg.data.split_seed,
-            )
+        if role == "train":  # with the fair data-access rule: no level III, the site trains on val too
+            self.split = split_for_training(data, cfg)
         else:
             empty = data.subset([])
             self.split = SiteSplit(train=empty, val=empty, test=data)
@@ -168,7 +162,7 @@ class SiteSession:
         from this site's state after round ``server_round - 1``, so re-running a round after a
         coordinator restart gives the same result as the first time.
         """
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         nets = self._networks()
         previous = self.dir / f"round-{server_round - 1:04d}.pt"
         releases = digest = None
@@ -213,7 +207,12 @@ class SiteSession:
                 self._prune_rounds(keep_from=server_round - 1)
                 logger.info("site %s declines round %d: privacy budget spent", self.spec.name, server_round)
                 raise
+        steps_started, steps_cpu_started = time.perf_counter(), time.process_time()
         stats = trainer.train(iterations, proximal=proximal)
+        steps = {
+            "train_seconds": time.perf_counter() - steps_started,
+            "train_cpu_seconds": time.process_time() - steps_cpu_started,
+        }
         save_checkpoint(trainer.state_dict(), self.dir / f"round-{server_round:04d}.pt")
         self._prune_rounds(keep_from=server_round - 1)
         if releases is not None:
@@ -226,7 +225,11 @@ class SiteSession:
             title=f"{self.spec.name}, round {server_round}",
         )
         metrics = {k: float(v) for k, v in stats.items()}
+        # Wall and process CPU time (all threads) of the whole round (set-up, training, checkpoint, samples)
+        # and of its optimisation steps alone; CPU time swings much less than wall time with machine load.
         metrics["seconds"] = time.perf_counter() - started
+        metrics["cpu_seconds"] = time.process_time() - cpu_started
+        metrics.update(steps)
         if private and not self.cfg.privacy.send_losses:
             # Losses read private records and timings reveal Poisson batch sizes: kept on site.
             logger.info("site %s round %d (kept on site): %s", self.spec.name, server_round, metrics)
@@ -276,9 +279,14 @@ class SiteSession:
         *,
         iterations: int,
         finetune_iterations: int,
-    ) -> dict[str, dict[str, np.ndarray]]:
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
         """Local-only model (same start and budget as the federation, no federation) and, if asked,
-        the global model fine-tuned on site. Returns segmenter weights by model kind."""
+        the global model fine-tuned on site.
+
+        Returns (segmenter weights by model kind, metrics): ``train_seconds`` / ``train_cpu_seconds``
+        of the local-only model's optimisation steps, as first measured (a resumed run reads them from
+        the cache).
+        """
         if self.cfg.privacy.enabled:
             raise BudgetSpent(
                 f"site '{self.spec.name}' sends no local-only baselines under sample-level DP: they would be "
@@ -290,11 +298,16 @@ class SiteSession:
         if path.is_file():
             cached = load_checkpoint(path)
             if cached.get("key") == key:
-                return cached["models"]
+                return cached["models"], cached.get("metrics", {})
         out: dict[str, dict[str, np.ndarray]] = {}
         nets = self._networks()
         load_shared_weights(nets.parts(), initial_weights)
+        started, cpu_started = time.perf_counter(), time.process_time()
         self._trainer(nets).train(iterations)
+        metrics = {
+            "train_seconds": time.perf_counter() - started,
+            "train_cpu_seconds": time.process_time() - cpu_started,
+        }
         out["local"] = shared_weights(nets.parts(), ["segmenter"])
         if finetune_iterations > 0:
             nets = self._networks()
@@ -302,8 +315,8 @@ class SiteSession:
             load_shared_weights(nets.parts(), global_weights)
             trainer.train(finetune_iterations)
             out["finetuned"] = shared_weights(nets.parts(), ["segmenter"])
-        save_checkpoint({"key": key, "models": out}, path)
-        return out
+        save_checkpoint({"key": key, "models": out, "metrics": metrics}, path)
+        return out, metrics
 
 
 def _safe(name: str) -> str:
