@@ -189,8 +189,12 @@ class Job:
     baselines: bool = False  # federated only: also train local-only models of the same budget
 
 
-CLASSIC = "augment.classic=true"  # flips + affine + intensity jitter of the real pairs (the trainer's option)
-PLAIN = "augment.classic=false"  # no augmentation of the real pairs (classic is on by default)
+# Classic augmentation of the real pairs (flips + affine + intensity jitter at level II, the trainer's
+# augment.classic). Every job says explicitly whether it uses it, so a changed config default cannot change
+# a method: seg-only comes without and with it; aug and genseg keep it on (the config default: GenSeg builds
+# on the practitioners' baseline, and its synthetic pairs come on top).
+CLASSIC = "augment.classic=true"
+NO_CLASSIC = "augment.classic=false"
 
 JOBS: dict[str, Job] = {
     j.name: j
@@ -198,7 +202,7 @@ JOBS: dict[str, Job] = {
         Job(
             "fedavg-seg-only",
             "fed",
-            ("mlo.mode=seg-only", "federation.strategy=fedavg", PLAIN),
+            ("mlo.mode=seg-only", "federation.strategy=fedavg", NO_CLASSIC),
             ("fedavg-seg-only", "local-seg-only"),
             baselines=True,
         ),
@@ -212,34 +216,34 @@ JOBS: dict[str, Job] = {
         Job(
             "fedavg-aug",
             "fed",
-            ("mlo.mode=aug", "federation.strategy=fedavg"),
+            ("mlo.mode=aug", "federation.strategy=fedavg", CLASSIC),
             ("fedavg-aug", "local-aug"),
             baselines=True,
         ),
         Job(
             "fedavg-genseg",
             "fed",
-            ("mlo.mode=genseg", "federation.strategy=fedavg"),
+            ("mlo.mode=genseg", "federation.strategy=fedavg", CLASSIC),
             ("fedavg-genseg", "local-genseg"),
             baselines=True,
         ),
         Job(
             "fedprox-genseg",
             "fed",
-            ("mlo.mode=genseg", "federation.strategy=fedprox"),
+            ("mlo.mode=genseg", "federation.strategy=fedprox", CLASSIC),
             ("fedprox-genseg",),
         ),
         Job(
             "fedbn-genseg",
             "fed",
-            ("mlo.mode=genseg", "federation.strategy=fedavg", "federation.local_norm=true"),
+            ("mlo.mode=genseg", "federation.strategy=fedavg", "federation.local_norm=true", CLASSIC),
             ("fedbn-genseg",),
         ),
-        Job("pooled-seg-only", "pooled", ("mlo.mode=seg-only", PLAIN), ("pooled-seg-only",)),
+        Job("pooled-seg-only", "pooled", ("mlo.mode=seg-only", NO_CLASSIC), ("pooled-seg-only",)),
         Job(
             "pooled-seg-only-classic", "pooled", ("mlo.mode=seg-only", CLASSIC), ("pooled-seg-only-classic",)
         ),
-        Job("pooled-genseg", "pooled", ("mlo.mode=genseg",), ("pooled-genseg",)),
+        Job("pooled-genseg", "pooled", ("mlo.mode=genseg", CLASSIC), ("pooled-genseg",)),
     )
 }
 

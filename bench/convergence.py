@@ -37,6 +37,7 @@ from bench.common import (
     CONVERGED_BUDGET,
     CONVERGED_IMAGE_SIZE,
     DATASETS,
+    NO_CLASSIC,
     QUICK,
     Budget,
     Job,
@@ -58,7 +59,10 @@ from bench.tune import inner_dataset
 # baselines off: the curve of the federated model only (local-only models would double the cost)
 JOBS = {
     "fedavg-seg-only": Job(
-        "fedavg-seg-only", "fed", ("mlo.mode=seg-only", "federation.strategy=fedavg"), ("fedavg-seg-only",)
+        "fedavg-seg-only",
+        "fed",
+        ("mlo.mode=seg-only", "federation.strategy=fedavg", NO_CLASSIC),
+        ("fedavg-seg-only",),
     ),
     "fedavg-seg-only-classic": Job(
         "fedavg-seg-only-classic",

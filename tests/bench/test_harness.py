@@ -295,7 +295,9 @@ ONE_ROUND = Size("one-round", ("federation.rounds=1", "federation.local_iteratio
 
 def _job_params() -> list:
     return [
-        pytest.param(name, marks=needs_classic) if common.CLASSIC in job.overrides else name
+        pytest.param(name, marks=needs_classic)
+        if any(o.startswith("augment.classic") for o in job.overrides)
+        else name
         for name, job in common.JOBS.items()
     ]
 
