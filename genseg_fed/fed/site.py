@@ -224,7 +224,11 @@ class SiteSession:
             device=self.device,
             title=f"{self.spec.name}, round {server_round}",
         )
-        metrics = {k: float(v) for k, v in stats.items()}
+        logger.info("site %s round %d training: %s", self.spec.name, server_round, stats)
+        # Every reply of a round must carry the same metric keys (Flower checks); which levels ran, and so
+        # which losses exist, varies by round (pre-training, gen_every, hyper_every). Only the segmenter's
+        # loss, which every round has, is sent; the rest stays in the site's log.
+        metrics = {"loss_seg": float(stats.get("loss_seg", float("nan")))}
         # Wall and process CPU time (all threads) of the whole round (set-up, training, checkpoint, samples)
         # and of its optimisation steps alone; CPU time swings much less than wall time with machine load.
         metrics["seconds"] = time.perf_counter() - started
