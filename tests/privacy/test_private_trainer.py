@@ -92,14 +92,14 @@ def test_every_record_gradient_entering_levels_1_and_2_is_clipped(clip: float, s
     trainer = _trainer(privacy=privacy, slices=slices, n=8, epsilon=float("inf"))
     seen = _spy_on_clipping(trainer)
     sampled: list[int] = []
-    poisson = trainer._poisson
+    sample = trainer._sample
 
-    def counting_poisson():
-        batch = poisson()
+    def counting_sample():
+        batch = sample()
         sampled.append(batch.n_records)
         return batch
 
-    trainer._poisson = counting_poisson
+    trainer._sample = counting_sample
     trainer.train(2)
     assert [len(v) for v in seen.values()] == [2, 2, 2], "disc, gen and seg each updated once per iteration"
     per_update = iter(sampled)  # order of draws per iteration: disc, gen, seg
@@ -178,9 +178,11 @@ def test_each_mechanism_adds_noise_of_multiplier_times_sensitivity(monkeypatch) 
     expected = [0.45] * sizes[0] + [6.0] * sizes[1] + [1.05] * sizes[2]  # in update order
     assert opacus_stds == pytest.approx(expected)
     assert [m[n].noise_std for n in ("disc", "gen", "seg")] == pytest.approx([0.45, 6.0, 1.05])
-    # level III: clip_and_noise adds std = sigma_III * 2 * C3 (tested statistically in test_mechanisms)
+    # level III: clip_and_noise adds std = sigma_III * C3 (tested statistically in test_mechanisms)
     assert level3_args == [(0.05, 3.0)]
-    assert m["hyper"].sensitivity == 0.1 and m["hyper"].noise_std == pytest.approx(0.3)
+    assert m["hyper"].noise_std == pytest.approx(0.15)
+    # replace-one: every mechanism's sensitivity is twice its clipping norm
+    assert {n: m[n].sensitivity for n in m} == {"disc": 0.6, "gen": 8.0, "seg": 1.4, "hyper": 0.1}
 
 
 def test_ledger_counts_every_release() -> None:
