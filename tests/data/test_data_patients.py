@@ -28,7 +28,7 @@ def _images(n: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
 def patient_folder(tmp_path: Path) -> Path:
     ids, groups = [], []
     for p, shots in enumerate(SHOTS):
-        for s in range(shots):
+        for _ in range(shots):
             ids.append(f"img{len(ids):03d}")  # file names say nothing about the patient
             groups.append(f"P{p:02d}")
     images, masks = _images(len(ids))

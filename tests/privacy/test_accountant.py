@@ -66,7 +66,7 @@ def _pld_epsilon_lower_bound(*, sigma: float, q: float, steps: int, delta: float
     idx = np.floor(loss / h).astype(np.int64)
     lo = idx.min()
     pmf = np.bincount(idx - lo, weights=mass)
-    size = 1 << int(math.ceil(math.log2(len(pmf) * steps + 1)))
+    size = 1 << math.ceil(math.log2(len(pmf) * steps + 1))
     composed = np.fft.irfft(np.fft.rfft(pmf, size) ** steps, size)[: (len(pmf) - 1) * steps + 1]
     composed = np.clip(composed, 0.0, None)
     grid = (np.arange(len(composed)) + lo * steps) * h
