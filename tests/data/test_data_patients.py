@@ -50,7 +50,9 @@ def test_patients_csv_groups_a_patients_images(patient_folder: Path) -> None:
 
 @pytest.mark.parametrize("n_train", [1, 3, None])
 @pytest.mark.parametrize("seed", range(8))
-def test_a_patients_images_never_straddle_splits(patient_folder: Path, n_train: int | None, seed: int) -> None:
+def test_a_patients_images_never_straddle_splits(
+    patient_folder: Path, n_train: int | None, seed: int
+) -> None:
     data = load_site(_spec(patient_folder), image_size=16, channels=1)
     split = split_site(data, n_train=n_train, n_val=2, test_fraction=0.3, seed=seed)
     where = {}

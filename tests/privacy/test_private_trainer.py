@@ -310,13 +310,13 @@ def test_two_sites_differing_in_one_patient_give_every_other_patient_identical_a
         out: dict[tuple, torch.Tensor] = {}
         real, synthetic = trainer._real, trainer._synthetic
 
-        def spy_real(rows, *, classic, trainer=trainer, real=real, out=out):
+        def spy_real(rows, *, classic, trainer=trainer, real=real, out=out, train=train):
             images, masks = real(rows, classic=classic)
             for j, r in enumerate(rows.tolist()):
                 out[("real", trainer.iteration, classic, train.ids[r])] = torch.cat([images[j], masks[j]])
             return images, masks
 
-        def spy_synthetic(rows, *, attached, trainer=trainer, synthetic=synthetic, out=out):
+        def spy_synthetic(rows, *, attached, trainer=trainer, synthetic=synthetic, out=out, train=train):
             images, masks = synthetic(rows, attached=attached)
             n = len(rows)
             for j in range(images.shape[0]):
