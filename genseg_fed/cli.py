@@ -28,7 +28,8 @@ examples:
   genseg-fed show-config --config configs/default.yaml --set data.n_train=20
   genseg-fed certs init --out certs --san fl.example.org     (deployment: see deploy/README.md)
 
-A site folder holds images/ and masks/ with matching file names (PNG, JPG, TIFF, BMP or NIfTI).
+A site folder holds images/ and masks/ with matching file names (PNG, JPG, TIFF, BMP or NIfTI), and
+optionally patients.csv (header file,patient) saying which images belong to one patient.
 Every config key can be overridden with --set section.key=value (values are YAML).
 """
 
@@ -158,8 +159,18 @@ def cmd_check_site(args: argparse.Namespace) -> int:
     )
     data = load_site(spec, image_size=args.image_size, channels=args.channels, empty_masks=args.empty_masks)
     fg = float(data.masks.mean()) if len(data) else 0.0
-    print(f"{spec.name}: {len(data)} images, {len(set(data.groups))} patients/volumes, foreground {fg:.3f}")
+    patients = len(set(data.groups))
+    print(f"{spec.name}: {patients} patients, {len(data)} images, foreground {fg:.3f}")
     print(data.description)
+    if patients == len(data) and list(data.groups) == list(data.ids) and len(data) > 1:
+        print(
+            f"warning: cannot tell patients apart: each of the {len(data)} images counts as its own patient. "
+            f"If a patient has several images, list them in {Path(args.path) / 'patients.csv'} "
+            "(header 'file,patient', one row per image) or use a site's patient_pattern: otherwise splits "
+            "can put one patient in both train and test, and differential privacy protects single images, "
+            "not patients.",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -230,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "check-site",
         help="validate a hospital's data folder and summarise it",
-        description="Read images/ and masks/ exactly as training would and report problems with clear errors.",
+        description="Read images/ and masks/ (and patients.csv) exactly as training would, report problems with "
+        "clear errors, and count patients and images separately (a patient is the unit of splits and of DP).",
     )
     p.add_argument("path", type=Path, help="folder with images/ and masks/ subfolders")
     p.add_argument("--image-size", type=int, default=64)

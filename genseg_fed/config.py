@@ -75,6 +75,9 @@ class SiteSpec:
     default: slices of the MNI152 brain template shipped in nilearn, with a *simulated*
     acquisition ``profile``). ``path`` may use ``~`` and ``$VARS``.
 
+    ``patient_pattern`` groups records into patients by their ids (a folder's ``patients.csv`` does the
+    same for a folder); see :mod:`genseg_fed.data.patients`.
+
     For ``npz`` sites, ``records`` (``"start:stop"``, Python slice syntax) keeps only those records
     (images or volumes) of the file, so one file can be split into several sites, and ``profile``
     applies a *simulated* acquisition profile (``genseg_fed.data.mni152.PROFILES``) on top of the
@@ -88,10 +91,25 @@ class SiteSpec:
     orientation: Orientation = "axial"  # slicing axis for volumes
     profile: str | None = None  # simulated acquisition profile (mni152; npz: on top of the real images)
     records: str | None = None  # npz only: "start:stop[:step]" slice of the file's records (images / volumes)
+    patient_pattern: str | None = (
+        None  # regex; group 1 of a record id = its patient (genseg_fed.data.patients)
+    )
 
     def __post_init__(self) -> None:
         if self.records is not None:
             self.record_slice()
+        if self.patient_pattern is not None:
+            try:
+                groups = re.compile(self.patient_pattern).groups
+            except re.error as exc:
+                raise ConfigError(
+                    f"site '{self.name}': patient_pattern is not a valid regex: {exc}"
+                ) from None
+            if groups < 1:
+                raise ConfigError(
+                    f"site '{self.name}': patient_pattern {self.patient_pattern!r} needs a group capturing the "
+                    "patient id, e.g. '^(.+?)(?:_\\d+)?$'"
+                )
 
     def record_slice(self) -> slice:
         """``records`` as a ``slice`` (all records when unset); ConfigError on a malformed value."""

@@ -18,12 +18,16 @@ augmentation) warps image and mask with the same grid, reflecting at the border 
 consistent, then jitters the image's intensity (:meth:`Augmenter.intensity`: brightness, contrast,
 gamma, saturation and per-channel gain, each uniform in ``+-`` its range).
 
-The draws come from one ``torch.Generator`` seeded by ``seed``; :meth:`state_dict` restores it.
+The draws come from one ``torch.Generator`` seeded by ``seed``; :meth:`state_dict` restores it. Every
+public transform also takes ``generators``, one ``torch.Generator`` per row: row ``i`` then draws only from
+``generators[i]`` (a fixed number of draws per row), so rows are independent of each other and of the shared
+stream. The private trainer uses it to give every (iteration, record, copy) its own secret stream.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,6 +41,7 @@ MAX_TRIES = 4  # parameter draws per mask before falling back to the input
 ELASTIC_SPACING = 0.25  # control-point spacing, fraction of the side
 ELASTIC_MAGNITUDE = (0.02, 0.05)  # control-point displacement range, fraction of the side
 _LUMA = (0.299, 0.587, 0.114)
+Rows = Sequence[torch.Generator] | None  # one generator per row, or None: the shared stream
 
 
 class Augmenter:
@@ -56,14 +61,19 @@ class Augmenter:
 
     # ------------------------------------------------------------------ public transforms
     @torch.no_grad()
-    def masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """New plausible masks from ``(B, 1, H, W)`` float masks in {0, 1}; same shape, dtype, device."""
+    def masks(self, masks: torch.Tensor, *, generators: Rows = None) -> torch.Tensor:
+        """New plausible masks from ``(B, 1, H, W)`` float masks in {0, 1}; same shape, dtype, device.
+
+        ``generators``: one per row (see the module docstring); each gives :data:`MAX_TRIES` draws.
+        """
         _check(masks, "masks", channels=1)
         b = masks.shape[0]
+        _check_rows(generators, b)
         if b == 0:
             return masks.clone()
         src = masks.float()
-        grids = self._grids(b * MAX_TRIES, masks.shape[-2], masks.shape[-1], masks.device)
+        tries = None if generators is None else list(generators) * MAX_TRIES  # row of try k: k * b + r
+        grids = self._grids(b * MAX_TRIES, masks.shape[-2], masks.shape[-1], masks.device, tries)
         grids = grids.view(MAX_TRIES, b, *grids.shape[1:])
         out = src.clone()
         todo = src.flatten(1).any(dim=1)  # an empty input stays empty
@@ -78,16 +88,19 @@ class Augmenter:
         return out.to(masks.dtype)
 
     @torch.no_grad()
-    def pairs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairs(
+        self, images: torch.Tensor, masks: torch.Tensor, *, generators: Rows = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Classic augmentation: one spatial transform per pair on image and mask, then intensity jitter."""
         _check(masks, "masks", channels=1)
         _check(images, "images")
         if images.shape[0] != masks.shape[0] or images.shape[-2:] != masks.shape[-2:]:
             raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not pair up")
         b, c = images.shape[:2]
+        _check_rows(generators, b)
         if b == 0:
             return images.clone(), masks.clone()
-        grid = self._grids(b, images.shape[-2], images.shape[-1], images.device)
+        grid = self._grids(b, images.shape[-2], images.shape[-1], images.device, generators)
         both = _warp(torch.cat([images.float(), masks.float()], dim=1), grid, padding="reflection")
         new_masks = (both[:, c:] > 0.5).float()
         # A pair whose lesion left the frame keeps its original geometry (never an empty training mask
@@ -95,9 +108,9 @@ class Augmenter:
         lost = masks.flatten(1).any(dim=1) & ~new_masks.flatten(1).any(dim=1)
         new_images = torch.where(lost[:, None, None, None], images.float(), both[:, :c])
         new_masks = torch.where(lost[:, None, None, None], masks.float(), new_masks)
-        return self.intensity(new_images).to(images.dtype), new_masks.to(masks.dtype)
+        return self.intensity(new_images, generators=generators).to(images.dtype), new_masks.to(masks.dtype)
 
-    def intensity(self, images: torch.Tensor) -> torch.Tensor:
+    def intensity(self, images: torch.Tensor, *, generators: Rows = None) -> torch.Tensor:
         """Brightness, contrast, gamma, saturation (RGB) and per-channel gain jitter; stays in [-1, 1].
 
         Differentiable in ``images`` (level III renders synthetic images through it on the graph).
@@ -105,8 +118,9 @@ class Augmenter:
         _check(images, "images")
         cfg = self.cfg
         b, c = images.shape[:2]
+        _check_rows(generators, b)
         dev = images.device
-        u = self._uniform(b, 4 + c, dev)  # one row of draws per image, whatever is enabled
+        u = self._uniform(b, 4 + c, dev, generators)  # one row of draws per image, whatever is enabled
         x = (images.float() + 1.0) / 2.0  # [0, 1]
         gain = 1.0 + cfg.channel_gain * u[:, 4:]
         x = x * gain[:, :, None, None]
@@ -132,14 +146,23 @@ class Augmenter:
         self._rng.set_state(state["rng"])
 
     # ------------------------------------------------------------------ sampling
-    def _uniform(self, n: int, k: int, device: torch.device) -> torch.Tensor:
-        """``(n, k)`` uniform draws in [-1, 1]."""
-        return (torch.rand(n, k, generator=self._rng) * 2.0 - 1.0).to(device)
+    def _uniform(self, n: int, k: int, device: torch.device, generators: Rows = None) -> torch.Tensor:
+        """``(n, k)`` uniform draws in [-1, 1]; row ``i`` from ``generators[i]`` when given."""
+        if generators is None:
+            u = torch.rand(n, k, generator=self._rng)
+        elif n == 0:
+            u = torch.zeros(0, k)
+        else:
+            u = torch.stack([torch.rand(k, generator=g) for g in generators])
+        return (u * 2.0 - 1.0).to(device)
 
-    def _grids(self, n: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    def _grids(
+        self, n: int, height: int, width: int, device: torch.device, generators: Rows = None
+    ) -> torch.Tensor:
         """``n`` sampling grids ``(n, H, W, 2)``: flip, affine and (``elastic_prob``) elastic displacement."""
         cfg = self.cfg
-        u = self._uniform(n, 8, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        u = self._uniform(n, 8, cpu, generators)
         flip = torch.where((u[:, 0] + 1.0) / 2.0 < cfg.flip_prob, -1.0, 1.0)
         angle = math.radians(cfg.rotate_deg) * u[:, 1]
         sx, sy = 1.0 + cfg.scale * u[:, 2], 1.0 + cfg.scale * u[:, 3]
@@ -157,8 +180,11 @@ class Augmenter:
 
         elastic = (u[:, 7] + 1.0) / 2.0 < cfg.elastic_prob
         points = max(2, round(1.0 / ELASTIC_SPACING) + 1)
-        coarse = self._uniform(n * points * points * 2, 1, torch.device("cpu")).view(n, 2, points, points)
-        magnitude = self._uniform(n, 1, torch.device("cpu")).view(n, 1, 1, 1)
+        if generators is None:
+            coarse = self._uniform(n * points * points * 2, 1, cpu).view(n, 2, points, points)
+        else:
+            coarse = self._uniform(n, points * points * 2, cpu, generators).view(n, 2, points, points)
+        magnitude = self._uniform(n, 1, cpu, generators).view(n, 1, 1, 1)
         lo, hi = ELASTIC_MAGNITUDE
         magnitude = 2.0 * (lo + (hi - lo) * (magnitude + 1.0) / 2.0)  # fraction of the side, normalised
         if elastic.any():
@@ -167,6 +193,11 @@ class Augmenter:
             )
             grid = grid + field.permute(0, 2, 3, 1) * elastic[:, None, None, None]
         return grid.to(device)
+
+
+def _check_rows(generators: Rows, n: int) -> None:
+    if generators is not None and len(generators) != n:
+        raise ValueError(f"{len(generators)} generators for {n} rows: give exactly one per row")
 
 
 def _warp(x: torch.Tensor, grid: torch.Tensor, *, padding: str) -> torch.Tensor:

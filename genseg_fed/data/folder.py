@@ -11,7 +11,8 @@ is one image; a 3D NIfTI is a volume, sliced along ``spec.orientation`` in the a
 axis order (axial = last axis, coronal = second, sagittal = first). All-background slices of a
 volume are skipped and counted; every slice of a volume gets the volume stem as its group, so a
 patient never ends up in two splits. Hidden files are ignored; files with other extensions are
-counted and logged.
+counted and logged. An optional ``<path>/patients.csv`` (header ``file,patient``) says which images
+belong to one patient (see :mod:`genseg_fed.data.patients`); without it every 2D image is its own patient.
 
 Every problem raises :class:`~genseg_fed.data.site.DataError` naming the file and the fix:
 missing folders, no images, unpaired files, image/mask size mismatch (checked before resizing),
@@ -24,6 +25,7 @@ converted and everything is resized to ``image_size`` squared (see :mod:`genseg_
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -36,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from genseg_fed.config import ConfigError, EmptyMaskPolicy, SiteSpec
+from genseg_fed.data.patients import PATIENTS_FILE, read_patients_csv, regroup
 from genseg_fed.data.site import (
     DataError,
     SiteData,
@@ -107,6 +110,9 @@ def load_folder_site(
             f"{ignored_images} file(s) with other extensions were ignored)"
         )
     _check_pairs(spec.name, root, image_files, mask_files)
+    patients = None
+    if (root / PATIENTS_FILE).is_file():
+        patients = read_patients_csv(root / PATIENTS_FILE, list(image_files), site=spec.name)
 
     got = _Collected()
     for stem in sorted(image_files):
@@ -147,15 +153,18 @@ def load_folder_site(
     ]
     skipped_text = ", ".join(s for s in skipped if s) or "nothing"
     sliced = f" ({got.n_volumes} volumes sliced {spec.orientation})" if got.n_volumes else ""
+    groups = regroup(got.groups, patients) if patients is not None else tuple(got.groups)
+    grouped = f"; {len(set(groups))} patients from {PATIENTS_FILE}" if patients is not None else ""
     description = (
         f"folder {root}: {len(got.ids)} images from {got.n_files} file pairs{sliced}; skipped {skipped_text}"
+        f"{grouped}"
     )
     return SiteData(
         name=spec.name,
         images=np.concatenate(got.images),
         masks=np.concatenate(got.masks),
         ids=tuple(got.ids),
-        groups=tuple(got.groups),
+        groups=groups,
         description=description,
     )
 
@@ -163,8 +172,9 @@ def load_folder_site(
 def write_site_folder(data: SiteData, path: str | os.PathLike[str]) -> None:
     """Write ``data`` as ``path/images/<id>.png`` (8-bit grey or RGB) and ``path/masks/<id>.png`` ({0, 255}).
 
-    Characters other than letters, digits, ``.``, ``_`` and ``-`` in ids become ``_``. Groups are
-    not stored: read back, every image is its own group. Refuses to overwrite existing files.
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` in ids become ``_``. When some images
+    share a group (patient / volume), ``path/patients.csv`` records it, so the folder reads back with the
+    same patients. Refuses to overwrite existing files.
     """
     root = Path(path)
     names = [re.sub(r"[^A-Za-z0-9._-]", "_", record_id) for record_id in data.ids]
@@ -177,12 +187,19 @@ def write_site_folder(data: SiteData, path: str | os.PathLike[str]) -> None:
         clash = [n for n in names if (folder / f"{n}.png").exists()]
         if clash:
             raise DataError(f"{folder} already holds {clash[:_MAX_LISTED]}...; write into an empty folder")
+    if list(data.groups) != list(data.ids) and (root / PATIENTS_FILE).exists():
+        raise DataError(f"{root / PATIENTS_FILE} already exists; write into an empty folder")
     images = np.clip(np.rint((data.images + 1.0) * 127.5), 0, 255).astype(np.uint8)
     masks = (data.masks[:, 0] > 0.5).astype(np.uint8) * 255
     for name, image, mask in zip(names, images, masks, strict=True):
         pixels = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
         Image.fromarray(pixels).save(root / "images" / f"{name}.png")
         Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    if list(data.groups) != list(data.ids):
+        with (root / PATIENTS_FILE).open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["file", "patient"])
+            writer.writerows((f"{name}.png", group) for name, group in zip(names, data.groups, strict=True))
 
 
 # ----------------------------------------------------------------------------- reading

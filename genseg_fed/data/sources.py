@@ -5,6 +5,7 @@ Kept apart from :mod:`genseg_fed.data.site` because the readers themselves build
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from genseg_fed.config import EmptyMaskPolicy, SiteSpec
 from genseg_fed.data.folder import load_folder_site
 from genseg_fed.data.mni152 import load_mni152_site
 from genseg_fed.data.npz import load_npz_site
+from genseg_fed.data.patients import apply_pattern
 from genseg_fed.data.site import DataError, SiteData
 
 __all__ = ["READERS", "load_site"]
@@ -54,5 +56,12 @@ def load_site(
     if empty_masks not in _EMPTY_MASK_POLICIES:
         raise ValueError(f"empty_masks must be one of {list(_EMPTY_MASK_POLICIES)}, got {empty_masks!r}")
     data = READERS[spec.source](spec, image_size=image_size, channels=channels, empty_masks=empty_masks)
+    if spec.patient_pattern is not None:
+        groups = apply_pattern(data.groups, spec.patient_pattern, site=spec.name)
+        data = dataclasses.replace(
+            data,
+            groups=groups,
+            description=f"{data.description}; {len(set(groups))} patients by pattern {spec.patient_pattern!r}",
+        )
     logger.info("site '%s': %s", spec.name, data.description)
     return data

@@ -11,6 +11,7 @@ render of one mask a different image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,11 +23,19 @@ __all__ = ["SyntheticPool", "render"]
 
 
 def render(
-    generator: MaskToImageGenerator, masks: torch.Tensor, augmenter: Augmenter, *, intensity: bool
+    generator: MaskToImageGenerator,
+    masks: torch.Tensor,
+    augmenter: Augmenter,
+    *,
+    intensity: bool,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Images for ``masks`` (B, 1, H, W); attached to the generator's graph unless called under no_grad."""
+    """Images for ``masks`` (B, 1, H, W); attached to the generator's graph unless called under no_grad.
+
+    ``generators``: one random stream per row for the intensity jitter (None: the augmenter's own).
+    """
     images = generator(masks)
-    return augmenter.intensity(images) if intensity else images
+    return augmenter.intensity(images, generators=generators) if intensity else images
 
 
 class SyntheticPool:
@@ -49,10 +58,21 @@ class SyntheticPool:
         self.refreshes = 0
 
     @torch.no_grad()
-    def refresh(self, generator: MaskToImageGenerator, augmenter: Augmenter, *, intensity: bool) -> None:
-        """New augmented masks for every record, and the generator's images of them."""
-        self.masks = augmenter.masks(self.real_masks.repeat(self.size, 1, 1, 1))
-        self.images = render(generator, self.masks, augmenter, intensity=intensity)
+    def refresh(
+        self,
+        generator: MaskToImageGenerator,
+        augmenter: Augmenter,
+        *,
+        intensity: bool,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> None:
+        """New augmented masks for every record, and the generator's images of them.
+
+        ``generators``: one random stream per pool pair (pair k of record i at ``k * N + i``) for its mask
+        and intensity draws; None draws from the augmenter's shared stream.
+        """
+        self.masks = augmenter.masks(self.real_masks.repeat(self.size, 1, 1, 1), generators=generators)
+        self.images = render(generator, self.masks, augmenter, intensity=intensity, generators=generators)
         self.refreshes += 1
 
     def pick(self, rows: torch.Tensor, per_real: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,14 +1,26 @@
-"""One privacy ledger per site: every Gaussian release it makes, composed by Opacus' RDP analysis.
+"""One privacy ledger per site: every Gaussian release it makes, composed under replace-one adjacency.
 
-A *mechanism* is one kind of release (a discriminator DP-SGD step, a level-III update ...) with its
-noise multiplier (noise std / L2 sensitivity), its Poisson sampling rate (1.0: no amplification)
-and the clipping norm and sensitivity it was calibrated to. The ledger counts how many times each
-mechanism ran. Rényi DP composes additively and does not depend on the order of the releases, so
-these counts are all an accountant needs; epsilon is computed by Opacus' own
-:class:`~opacus.accountants.RDPAccountant` from the ledger.
+**Neighbouring relation: replace one patient.** A site's training split holds a fixed, public number n of
+patients (``data.n_train``; the count is sent to the coordinator), so the only change that can happen to
+it is that one patient's data is replaced by another's. Every mechanism is analysed for that relation
+(docs/privacy.md, section 2):
 
-:func:`calibrate_noise` finds the smallest noise multiplier whose planned schedule stays within a
-target ``(epsilon, delta)`` (binary search on the composed epsilon).
+* a DP-SGD step sums per-patient gradients clipped to C over a **fixed-size sample of B patients drawn
+  without replacement** (sampling rate q = B / n); replacing one patient moves the sum by at most 2C, so
+  the replace-one sensitivity is 2C and the noise multiplier the analysis needs is
+  ``z = noise std / (2C) = sigma / 2`` (sigma: Opacus' noise multiplier, noise std / C);
+* the level-III update is one vector clipped to C (sensitivity 2C as well), released with no sampling.
+
+Rényi DP of the sampled Gaussian mechanism without replacement under replace-one is bounded by Wang, Balle
+and Kasiviswanathan (AISTATS 2019, Theorem 27 of arXiv:1808.00087), as implemented in Google's
+``dp_accounting``; RDP composes additively under adaptive composition, and the total is converted to
+(epsilon, delta) by ``dp_accounting``'s conversion. When no release is sampled (q = 1 everywhere) the
+composition is exactly one Gaussian mechanism with ``1/z^2 = sum_k count_k / z_k^2`` and epsilon comes from
+the exact (analytic) Gaussian privacy profile instead (Balle and Wang 2018), which is tight.
+
+A *mechanism* is one kind of release with its noise multiplier, sampling rate, clipping norm and
+sensitivity; the ledger counts how many times each ran (RDP does not depend on the order of releases).
+:func:`calibrate_noise` finds the smallest noise whose planned schedule stays within a target.
 """
 
 from __future__ import annotations
@@ -19,13 +31,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import dp_accounting
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
+from dp_accounting.rdp import compute_epsilon
 
-__all__ = ["Mechanism", "SiteAccountant", "calibrate_noise", "epsilon_of"]
+__all__ = [
+    "ORDERS",
+    "SENSITIVITY_FACTOR",
+    "Mechanism",
+    "SiteAccountant",
+    "calibrate_noise",
+    "epsilon_of",
+]
 
-_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# RDP orders. For the budgets used here (epsilon 0.5-20, delta 1e-5..1e-7) the best order lies well inside
+# this range; a smaller set only loosens (never invalidates) the bound, and keeps calibration fast.
+ORDERS = tuple(float(a) for a in (*range(2, 33), 40, 48, 64))
+SENSITIVITY_FACTOR = 2.0  # replace-one: a released sum or vector moves by at most 2 x its clipping norm
 
 
 @dataclass(frozen=True)
@@ -33,12 +55,11 @@ class Mechanism:
     """One kind of Gaussian release.
 
     name: what it updates (``disc``, ``gen``, ``seg``, ``hyper``).
-    noise_multiplier: noise std divided by ``sensitivity`` (0: no noise, epsilon is infinite).
-    sample_rate: Poisson sampling rate q of the records it reads (1.0: every record, no
-        amplification claimed).
-    clip: the clipping norm C of what is summed or released.
-    sensitivity: L2 sensitivity of the released quantity to adding or removing one record
-        (C for a sum of per-record clipped gradients, 2C for a whole clipped update).
+    noise_multiplier: noise std divided by ``clip`` (Opacus' convention; 0: no noise, infinite epsilon).
+    sample_rate: B / n, the fraction of the n patients in each fixed-size sample drawn without
+        replacement (1.0: every record, no amplification claimed).
+    clip: the clipping norm C of each per-patient gradient (or of the whole released vector).
+    sensitivity: L2 sensitivity of the released sum / vector to replacing one patient (2C).
     """
 
     name: str
@@ -50,37 +71,46 @@ class Mechanism:
     @property
     def noise_std(self) -> float:
         """Standard deviation of the Gaussian noise added to the released sum/vector."""
-        return self.noise_multiplier * self.sensitivity
+        return self.noise_multiplier * self.clip
+
+    @property
+    def z(self) -> float:
+        """Noise std over sensitivity: the Gaussian mechanism's parameter in the analysis."""
+        return self.noise_std / self.sensitivity if self.sensitivity > 0 else math.inf
 
 
 @functools.lru_cache(maxsize=4096)
-def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
-    if noise_multiplier <= 0:
-        return tuple(math.inf for _ in _ORDERS)
-    rdp = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_ORDERS)
-    )
-    return tuple(float(v) for v in rdp)
+def _rdp_one_step(sample_rate: float, z: float) -> tuple[float, ...]:
+    """RDP at :data:`ORDERS` of one Gaussian release (noise/sensitivity ``z``) on a WOR sample of rate q."""
+    if z <= 0:
+        return tuple(math.inf for _ in ORDERS)
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp  # the WBK bound has no public wrapper
+
+    if sample_rate >= 1.0:
+        return tuple(a / (2.0 * z * z) for a in ORDERS)
+    return tuple(float(v) for v in rdp._compute_rdp_sample_wor_gaussian(sample_rate, z, list(ORDERS)))
 
 
 def epsilon_of(steps: Iterable[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of composing ``(noise_multiplier, sample_rate, count)`` releases, at ``delta``.
+    """Epsilon of composing ``(z, sample_rate, count)`` releases under replace-one, at ``delta``.
 
-    Same analysis and orders as Opacus' ``RDPAccountant`` (RDP of the sampled Gaussian mechanism,
-    summed over releases, converted with Balle et al. 2020), with the per-release RDP cached.
+    ``z`` is noise std / replace-one sensitivity. Unsampled-only schedules use the exact Gaussian profile.
     """
-    total = np.zeros(len(_ORDERS))
-    any_step = False
-    for sigma, q, count in steps:
-        if count <= 0:
-            continue
-        any_step = True
-        total = total + count * np.asarray(_rdp_one_step(float(q), float(sigma)))
-    if not any_step:
+    steps = [(float(z), float(q), int(c)) for z, q, c in steps if c > 0]
+    if not steps:
         return 0.0
+    if any(z <= 0 for z, _, _ in steps):
+        return math.inf
+    if all(q >= 1.0 for _, q, _ in steps):
+        # Composition of Gaussian mechanisms is one Gaussian mechanism: sum of (1/z)^2.
+        z_total = 1.0 / math.sqrt(sum(c / (z * z) for z, _, c in steps))
+        return float(dp_accounting.get_epsilon_gaussian(z_total, delta))
+    total = np.zeros(len(ORDERS))
+    for z, q, count in steps:
+        total = total + count * np.asarray(_rdp_one_step(min(q, 1.0), z))
     if not np.isfinite(total).any():
         return math.inf
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(_ORDERS), rdp=total, delta=delta)
+    eps, _ = compute_epsilon(list(ORDERS), total.tolist(), delta)
     return float(eps)
 
 
@@ -90,7 +120,7 @@ class SiteAccountant:
     Example::
 
         acc = SiteAccountant(delta=1e-5)
-        acc.step(Mechanism("seg", 1.1, 4 / 9, clip=1.0, sensitivity=1.0))
+        acc.step(Mechanism("seg", 2.0, 4 / 50, clip=1.0, sensitivity=2.0))
         acc.epsilon()
     """
 
@@ -125,7 +155,7 @@ class SiteAccountant:
         counts = dict(self._counts)
         for m, c in planned.items():
             counts[m] = counts.get(m, 0) + c
-        steps = [(m.noise_multiplier, m.sample_rate, c) for m, c in counts.items()]
+        steps = [(m.z, m.sample_rate, c) for m, c in counts.items()]
         return epsilon_of(steps, self.delta if delta is None else delta)
 
     def epsilon_by_mechanism(self) -> dict[str, float]:
@@ -133,24 +163,26 @@ class SiteAccountant:
         names = sorted({m.name for m in self._counts})
         return {
             n: epsilon_of(
-                [(m.noise_multiplier, m.sample_rate, c) for m, c in self._counts.items() if m.name == n],
-                self.delta,
+                [(m.z, m.sample_rate, c) for m, c in self._counts.items() if m.name == n], self.delta
             )
             for n in names
         }
 
-    def opacus_accountant(self) -> RDPAccountant:
-        """The same ledger as an Opacus ``RDPAccountant`` (for cross-checks)."""
-        acc = RDPAccountant()
-        acc.history = [(m.noise_multiplier, m.sample_rate, c) for m, c in self._counts.items()]
-        return acc
-
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state (survives ``torch.save`` / JSON)."""
-        return {"delta": self.delta, "history": [{**asdict(m), "steps": c} for m, c in self._counts.items()]}
+        return {
+            "delta": self.delta,
+            "relation": "replace-one",
+            "history": [{**asdict(m), "steps": c} for m, c in self._counts.items()],
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (replaces the current ledger)."""
+        if state.get("relation") != "replace-one":
+            raise ValueError(
+                "this privacy ledger was written under another neighbouring relation (add/remove, before "
+                "replace-one accounting); its epsilon cannot be continued. Start a new run."
+            )
         self.delta = float(state["delta"])
         self._counts = {}
         for entry in state["history"]:
@@ -167,11 +199,11 @@ def calibrate_noise(
     schedule: tuple[tuple[float, float, int], ...],
     rel_tol: float = 5e-3,
 ) -> float:
-    """Smallest noise scale ``s`` whose schedule stays within ``(target_epsilon, delta)``.
+    """Smallest noise multiplier scale ``s`` whose schedule stays within ``(target_epsilon, delta)``.
 
     Args:
         schedule: ``(ratio, sample_rate, count)`` per mechanism; mechanism ``k`` gets the noise
-            multiplier ``ratio_k * s``.
+            multiplier (noise std / clip) ``ratio_k * s``, i.e. ``z_k = ratio_k * s / 2`` (replace-one).
         rel_tol: relative precision of ``s`` (the result always satisfies the target).
 
     Returns ``0.0`` for an infinite target (no noise) and raises ``ValueError`` if even a huge
@@ -183,7 +215,7 @@ def calibrate_noise(
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
 
     def eps(s: float) -> float:
-        return epsilon_of([(r * s, q, c) for r, q, c in schedule], delta)
+        return epsilon_of([(r * s / SENSITIVITY_FACTOR, q, c) for r, q, c in schedule], delta)
 
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:

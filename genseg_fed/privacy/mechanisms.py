@@ -4,12 +4,14 @@
   (``vmap(grad(functional_call))`` over rows, then the rows of one record averaged), so a record's
   real image and all synthetic images made from its mask form one gradient that is clipped as a
   whole.
+* :func:`sample_records` draws a fixed-size sample of B records uniformly without replacement (the
+  sampling the replace-one accountant analyses; a fixed B also keeps step times independent of the data).
 * :func:`dp_sgd_update` hands those gradients to an Opacus :class:`~opacus.optimizers.DPOptimizer`
   as ``p.grad_sample``: Opacus clips each record's gradient to ``max_grad_norm``, sums, adds
-  ``N(0, (noise_multiplier * max_grad_norm)^2)`` and divides by the expected batch size.
+  ``N(0, (noise_multiplier * max_grad_norm)^2)`` and divides by the batch size B.
 * :func:`clip_and_noise` releases a whole update vector (the level-III hypergradient) clipped to
-  norm C with ``N(0, (noise_multiplier * 2C)^2)`` noise: adding or removing any record moves a
-  vector inside the C-ball by at most its diameter 2C.
+  norm C with ``N(0, (noise_multiplier * C)^2)`` noise; replacing any record moves a vector inside the
+  C-ball by at most its diameter 2C, the sensitivity the accountant uses.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ __all__ = [
     "functional_loss",
     "make_dp_optimizer",
     "per_record_gradients",
-    "poisson_records",
+    "sample_records",
 ]
 
 
@@ -40,7 +42,7 @@ class RecordBatch:
     rows: indices into the split's rows (images), shape (R,).
     record_of_row: for each row, the position of its record in this batch, shape (R,), values in
         ``[0, n_records)``.
-    n_records: how many records were sampled (0 is possible under Poisson sampling).
+    n_records: how many records were sampled.
     """
 
     rows: torch.Tensor
@@ -48,16 +50,15 @@ class RecordBatch:
     n_records: int
 
 
-def poisson_records(
-    records: Sequence[torch.Tensor], sample_rate: float, generator: torch.Generator
-) -> RecordBatch:
-    """Poisson sampling: every record is in the batch independently with probability ``sample_rate``.
+def sample_records(records: Sequence[torch.Tensor], size: int, generator: torch.Generator) -> RecordBatch:
+    """``size`` distinct records drawn uniformly without replacement (all of them when ``size >= len``).
 
     Args:
-        records: the row indices of each record (a record is a patient; with 2-D data one row).
+        records: the row indices of each record (a record is a patient: all its images / slices).
+        generator: the site's secret sampling stream.
     """
-    keep = torch.rand(len(records), generator=generator) < sample_rate
-    chosen = [records[i] for i in torch.nonzero(keep).flatten().tolist()]
+    n = len(records)
+    chosen = [records[i] for i in torch.randperm(n, generator=generator)[: min(size, n)].tolist()]
     if not chosen:
         empty = torch.zeros(0, dtype=torch.long)
         return RecordBatch(empty, empty, 0)
@@ -121,7 +122,7 @@ def make_dp_optimizer(
     expected_batch_size: float,
     generator: torch.Generator,
 ) -> DPOptimizer:
-    """Wrap ``optimizer`` in Opacus' DP-SGD optimizer (mean reduction over the expected batch)."""
+    """Wrap ``optimizer`` in Opacus' DP-SGD optimizer (mean over ``expected_batch_size``, here exactly B)."""
     return DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
@@ -165,14 +166,14 @@ def clip_and_noise(
 ) -> tuple[list[torch.Tensor], float]:
     """Clip the vector ``grads`` (all tensors together) to L2 norm ``clip``, add Gaussian noise.
 
-    The noise std is ``noise_multiplier * 2 * clip``: the sensitivity of a clipped vector to
-    adding or removing one record is the diameter ``2 * clip`` of the ball it lies in.
+    The noise std is ``noise_multiplier * clip`` (Opacus' convention); the accountant charges it for
+    the replace-one sensitivity ``2 * clip``, the diameter of the ball the clipped vector lies in.
 
     Returns (noisy tensors, the norm before clipping).
     """
     norm = float(torch.sqrt(sum(g.detach().pow(2).sum() for g in grads)))
     factor = min(1.0, clip / (norm + 1e-12))
-    std = noise_multiplier * 2.0 * clip
+    std = noise_multiplier * clip
     out = []
     for g in grads:
         clipped = g.detach() * factor

@@ -1,26 +1,30 @@
-"""GenSeg with sample-level differential privacy on every level that reads a site's records.
+"""GenSeg with patient-level differential privacy on every level that reads a site's records.
 
-Per iteration, each mechanism draws its OWN Poisson sample of records (rate
-``q = batch_size / records``), so each is a sampled Gaussian mechanism whose amplification holds
-given everything released before it:
+The unit of privacy is the **patient** (a record: all images / slices of one ``SiteData.groups`` value) and
+the neighbouring relation is **replace one patient** (the number of training patients n is public). Per
+iteration, each mechanism draws its OWN fixed-size sample of B = ``batch_size`` patients without
+replacement (rate q = B / n), so each is a sampled Gaussian mechanism analysed given everything released
+before it:
 
 =========  =====================================================  =========  =================
 mechanism  release                                                rate       L2 sensitivity
 =========  =====================================================  =========  =================
-``disc``   discriminator DP-SGD step on (real_i, G(mask_i))        q          ``clip_disc``
-``gen``    generator-weight DP-SGD step, adversarial + L1 to x_i   q          ``clip_gen``
+``disc``   discriminator DP-SGD step on (real_i, G(mask_i))        q          ``2 * clip_disc``
+``gen``    generator-weight DP-SGD step, adversarial + L1 to x_i   q          ``2 * clip_gen``
 ``hyper``  level-III update (hypergradient over ``hyper_params``)  1          ``2 * clip_hyper``
-``seg``    segmenter DP-SGD step on real_i + its synthetic pairs   q          ``clip_seg``
+``seg``    segmenter DP-SGD step on real_i + its synthetic pairs   q          ``2 * clip_seg``
 =========  =====================================================  =========  =================
 
-A record's gradient in ``seg`` is the mean over its real row and the ``synthetic_per_real``
-synthetic rows made from its augmented mask: their SUM is clipped (sensitivity C, not (1+k)C).
-Level III depends on every validation record and on the training records of its unrolled step; it
-is clipped as one vector and released with noise calibrated to the replace/add/remove diameter
-2C, claiming no sampling amplification. The generator's architecture weights are not trained at
-level I. One :class:`~genseg_fed.privacy.accountant.SiteAccountant` composes all releases; its
-ledger, the noise and sampling generators and the calibrated noise multipliers are part of the
-trainer state. See docs/privacy.md for the argument.
+A patient's gradient in ``seg`` is the mean over its real rows and the ``synthetic_per_real`` synthetic
+rows made from its own augmented masks: their SUM is clipped. Every random draw that touches a patient's
+rows (classic augmentation, synthetic masks and intensity, the pool pairs it uses) comes from a secret
+stream of its own (:class:`~genseg_fed.privacy.streams.RecordStreams`), so no patient's presence changes
+another's draws; samples, the level-III batch and the noise come from secret generators too. Level III
+depends on every validation record and on the training records of its unrolled step; it is clipped as
+one vector and released with no sampling amplification claimed. One
+:class:`~genseg_fed.privacy.accountant.SiteAccountant` composes all releases; its ledger, the pinned
+sampling (n, B), the secret generators and the calibrated noise multipliers are part of the trainer state.
+See docs/privacy.md for the argument.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ import torch
 from ..config import MLOConfig, PrivacyConfig
 from ..data import Augmenter, SiteData
 from ..mlo.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
+from ..mlo.pool import render
 from ..mlo.schedule import count_releases, levels_at
 from ..mlo.steps import Proximal, proximal_penalty
 from ..mlo.trainer import GenSegTrainer, Networks
-from .accountant import Mechanism, SiteAccountant, calibrate_noise
+from .accountant import SENSITIVITY_FACTOR, Mechanism, SiteAccountant, calibrate_noise
 from .budget import BudgetSpent
 from .mechanisms import (
     RecordBatch,
@@ -49,8 +54,9 @@ from .mechanisms import (
     functional_loss,
     make_dp_optimizer,
     per_record_gradients,
-    poisson_records,
+    sample_records,
 )
+from .streams import RecordStreams
 
 __all__ = ["BudgetSpent", "PrivateGenSegTrainer"]
 
@@ -66,8 +72,8 @@ class PrivateGenSegTrainer(GenSegTrainer):
             iterations spend at most ``epsilon``.
         planned_iterations: main iterations the budget must cover (rounds x local iterations); the
             generator pre-training steps come on top and are accounted too.
-        noise_seed: seed of the noise and Poisson-sampling generators. Keep it secret (the default
-            None draws one from the OS); pass a number only in tests.
+        noise_seed: secret seed of the noise, sampling and per-patient augmentation streams. Keep it
+            secret (the default None draws one from the OS); pass a number only in tests.
     """
 
     def __init__(
@@ -90,6 +96,14 @@ class PrivateGenSegTrainer(GenSegTrainer):
             raise ValueError(
                 "mlo.hyper_params 'pairs' has no private version; use arch, decoder or all under DP"
             )
+        dropout = [
+            m.p for m in networks.parts().get("generator", torch.nn.Identity()).modules() if _is_dropout(m)
+        ]
+        if any(p > 0 for p in dropout):
+            raise ValueError(
+                "model.gen_dropout > 0 draws dropout masks from torch's shared global stream, which no "
+                "patient owns; set model.gen_dropout: 0 under privacy.enabled"
+            )
         super().__init__(mlo, networks, train, val, augmenter, device=device, seed=seed)
         self.privacy = privacy
         self.target_epsilon = float(epsilon)
@@ -99,13 +113,26 @@ class PrivateGenSegTrainer(GenSegTrainer):
             torch.tensor([i for i, g in enumerate(train.groups) if g == group], dtype=torch.long)
             for group in groups
         ]
-        self.sample_rate = min(1.0, mlo.batch_size / len(self.records))
-        self.expected_batch = self.sample_rate * len(self.records)
+        # Fixed-size samples without replacement: B of n patients, the sampling the accountant analyses.
+        self.sample_size = min(mlo.batch_size, len(self.records))
+        self.sample_rate = self.sample_size / len(self.records)
         seed_value = secrets.randbits(62) if noise_seed is None else int(noise_seed)
         self.sample_rng = torch.Generator().manual_seed(seed_value)
         self.noise_rng = torch.Generator(device=device).manual_seed(seed_value + 1)
+        within: dict[str, int] = {}
+        row_keys = []
+        for g in train.groups:
+            row_keys.append((g, within.get(g, 0)))
+            within[g] = within.get(g, 0) + 1
+        self.streams = RecordStreams(seed_value + 2, row_keys)
+        self._stream_purpose = "level2"
         self.accountant = SiteAccountant(delta=delta)
         self.mechanisms = self._calibrate()
+        if "hyper" in self.mechanisms:
+            logger.warning(
+                "level III runs under DP: each release is unsampled and spends budget without amplification "
+                "(docs/privacy.md: level III is off under DP in the shipped DP configs, mlo.mode: aug)"
+            )
         self._dp_opts: dict[str, Any] = {}
         for name, opt in (("disc", self.opt_disc), ("gen", self.opt_gen), ("seg", self.opt_seg)):
             if opt is not None:
@@ -113,7 +140,7 @@ class PrivateGenSegTrainer(GenSegTrainer):
                     opt,
                     noise_multiplier=self.mechanisms[name].noise_multiplier,
                     max_grad_norm=self.mechanisms[name].clip,
-                    expected_batch_size=self.expected_batch,
+                    expected_batch_size=self.sample_size,
                     generator=self.noise_rng,
                 )
 
@@ -140,7 +167,7 @@ class PrivateGenSegTrainer(GenSegTrainer):
                 noise_multiplier=ratio[n] * scale,
                 sample_rate=rate[n],
                 clip=clips[n],
-                sensitivity=2.0 * clips[n] if n == "hyper" else clips[n],
+                sensitivity=SENSITIVITY_FACTOR * clips[n],
             )
             for n in ratio
             if n in counts
@@ -173,6 +200,7 @@ class PrivateGenSegTrainer(GenSegTrainer):
             "epsilon-target": self.target_epsilon,
             "delta": self.accountant.delta,
             "sample-rate": self.sample_rate,
+            "sample-size": float(self.sample_size),
             "records": float(len(self.records)),
         }
         for name, m in self.mechanisms.items():
@@ -182,8 +210,57 @@ class PrivateGenSegTrainer(GenSegTrainer):
         return out
 
     # ------------------------------------------------------------------ one iteration
-    def _poisson(self) -> RecordBatch:
-        return poisson_records(self.records, self.sample_rate, self.sample_rng)
+    def _sample(self) -> RecordBatch:
+        return sample_records(self.records, self.sample_size, self.sample_rng)
+
+    def _sample_rows(self) -> torch.Tensor:
+        """The level-III batch: rows picked by the secret sampling stream (no amplification claimed)."""
+        n = self.train_images.shape[0]
+        return torch.randperm(n, generator=self.sample_rng)[: min(self.mlo.batch_size, n)]
+
+    def _real(self, rows: torch.Tensor, *, classic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real pairs of ``rows``; classic augmentation draws from each image's own secret stream."""
+        idx = rows.to(self.device)
+        images, masks = self.train_images[idx], self.train_masks[idx]
+        if classic and self.augment.classic:
+            gens = self.streams.for_rows(f"{self._stream_purpose}/pairs", self.iteration, rows.tolist())
+            images, masks = self.augmenter.pairs(images, masks, generators=gens)
+        return images, masks
+
+    def _synthetic(self, rows: torch.Tensor, *, attached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``synthetic_per_real`` synthetic pairs per row (copy-major), each from its patient's own streams."""
+        k, gen = self.mlo.synthetic_per_real, self.nets.generator
+        intensity = self.augment.synthetic_intensity
+        purpose = f"{self._stream_purpose}/synthetic"
+        if self.pool is not None:
+            n = self.pool.real_masks.shape[0]
+            picks = [
+                torch.argsort(torch.rand(self.pool.size, generator=g))[:k]
+                for g in self.streams.for_rows(f"{purpose}/pick", self.iteration, rows.tolist())
+            ]
+            copies = torch.stack(picks, dim=1) if picks else torch.zeros(k, 0, dtype=torch.long)  # (k, R)
+            idx = (copies * n + rows.cpu()[None, :]).reshape(-1).to(self.pool.masks.device)
+            masks = self.pool.masks[idx]
+            if not attached:
+                return self.pool.images[idx], masks
+            gens = self.streams.for_rows(f"{purpose}/render", self.iteration, rows.tolist(), copies=k)
+        else:
+            gens = self.streams.for_rows(purpose, self.iteration, rows.tolist(), copies=k)
+            masks = self.augmenter.masks(
+                self.train_masks[rows.to(self.device)].repeat(k, 1, 1, 1), generators=gens
+            )
+        if attached:
+            return render(gen, masks, self.augmenter, intensity=intensity, generators=gens), masks
+        with torch.no_grad():
+            return render(gen, masks, self.augmenter, intensity=intensity, generators=gens), masks
+
+    def _refresh_pool(self) -> None:
+        """Re-render the pool: pair c of row i from the stream (pool, iteration, its patient, image, c)."""
+        n = self.pool.real_masks.shape[0]
+        gens = self.streams.for_rows("pool", self.iteration, list(range(n)), copies=self.pool.size)
+        self.pool.refresh(
+            self.nets.generator, self.augmenter, intensity=self.augment.synthetic_intensity, generators=gens
+        )
 
     def _release(self, name: str) -> None:
         self.accountant.step(self.mechanisms[name])
@@ -196,26 +273,30 @@ class PrivateGenSegTrainer(GenSegTrainer):
         if levels.level1:
             t0 = time.perf_counter()
             self._set_gen_lr(levels)
-            out["loss_disc"] = self._disc_step(self._poisson())
-            out["loss_gen"] = self._gen_step(self._poisson(), proximal.get("generator"))
+            out["loss_disc"] = self._disc_step(self._sample())
+            out["loss_gen"] = self._gen_step(self._sample(), proximal.get("generator"))
             out["time_level1"] = time.perf_counter() - t0
         if levels.pretrain:
             self.iteration += 1
             return out
         if levels.refresh:
-            self.pool.refresh(self.nets.generator, self.augmenter, intensity=self.augment.synthetic_intensity)
+            self._refresh_pool()
         if levels.level3:
             t0 = time.perf_counter()
-            rows = self._sample_rows()  # any batch: level III claims no amplification
-            images, masks = self._real(rows, classic=True)
-            hg = self._hypergradient(images, masks, *self._synthetic(rows, attached=True))
+            self._stream_purpose = "level3"
+            try:
+                rows = self._sample_rows()  # any batch: level III claims no amplification
+                images, masks = self._real(rows, classic=True)
+                hg = self._hypergradient(images, masks, *self._synthetic(rows, attached=True))
+            finally:
+                self._stream_purpose = "level2"
             self._apply_hypergradient(hg.grads)
             out["loss_val_unrolled"] = hg.val_loss
             out["hypergrad_norm"] = float(torch.sqrt(sum(g.pow(2).sum() for g in hg.grads)))
             out["time_level3"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out["loss_seg"] = self._seg_step(
-            self._poisson(), proximal.get("segmenter"), synthetic=levels.synthetic
+            self._sample(), proximal.get("segmenter"), synthetic=levels.synthetic
         )
         out["time_level2"] = time.perf_counter() - t0
         self.iteration += 1
@@ -317,17 +398,31 @@ class PrivateGenSegTrainer(GenSegTrainer):
             "accountant": self.accountant.state_dict(),
             "mechanisms": {n: vars(m).copy() for n, m in self.mechanisms.items()},
             "target_epsilon": self.target_epsilon,
+            "sampling": {"records": len(self.records), "sample_size": self.sample_size},
             "sample_rng": self.sample_rng.get_state(),
             "noise_rng": self.noise_rng.get_state(),
         }
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the saved noise multipliers win over a new calibration."""
-        super().load_state_dict(state)
+        """Restore :meth:`state_dict` output; the saved noise multipliers win over a new calibration.
+
+        Raises ``ValueError`` (and changes nothing) when the sampling changed since the state was saved:
+        the ledger's releases were accounted at the saved rate B / n, so a site whose batch size or number
+        of training patients changed must not continue that ledger.
+        """
         priv = state.get("privacy")
         if priv is None:
             raise ValueError("this trainer state has no privacy ledger: it was not trained privately")
+        saved = priv.get("sampling")
+        now = {"records": len(self.records), "sample_size": self.sample_size}
+        if saved != now:
+            raise ValueError(
+                f"privacy: this site's ledger was accounted with {saved} (patients n, batch B) but it would now "
+                f"sample {now}; a changed mlo.batch_size or data.n_train would spend budget at a rate the "
+                "ledger does not cover. Refusing to resume: restore the settings or start a new run."
+            )
+        super().load_state_dict(state)
         self.accountant.load_state_dict(priv["accountant"])
         saved = {n: Mechanism(**m) for n, m in priv["mechanisms"].items()}
         if saved != self.mechanisms:
@@ -338,6 +433,20 @@ class PrivateGenSegTrainer(GenSegTrainer):
                 opt.max_grad_norm = saved[name].clip
         self.sample_rng.set_state(priv["sample_rng"])
         self.noise_rng.set_state(priv["noise_rng"])
+
+
+_DROPOUT = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def _is_dropout(module: torch.nn.Module) -> bool:
+    return isinstance(module, _DROPOUT)
 
 
 def _proximal_grad(module: torch.nn.Module, proximal: Proximal | None) -> Any:

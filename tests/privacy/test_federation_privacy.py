@@ -34,8 +34,9 @@ def _run(grid, out: Path) -> Path:
 
 
 def _epsilon_after(iterations: int, *, q: float, delta: float) -> float:
-    """genseg, hyper_every=1: per iteration disc, gen, seg (rate q) and one level-III release (rate 1)."""
-    return epsilon_of([(SIGMA, q, 3 * iterations), (SIGMA, 1.0, iterations)], delta)
+    """genseg, hyper_every=1: per iteration disc, gen, seg (rate q) and one level-III release (rate 1);
+    replace-one: z = sigma / 2 for every mechanism."""
+    return epsilon_of([(SIGMA / 2, q, 3 * iterations), (SIGMA / 2, 1.0, iterations)], delta)
 
 
 def test_a_site_whose_budget_is_spent_declines_and_sends_no_more_weights(tiny_federation) -> None:

@@ -13,7 +13,7 @@ from genseg_fed.privacy.mechanisms import (
     dp_sgd_update,
     make_dp_optimizer,
     per_record_gradients,
-    poisson_records,
+    sample_records,
 )
 
 
@@ -55,7 +55,7 @@ def test_dp_sgd_noise_std_is_noise_multiplier_times_clip(sigma: float, clip: flo
     assert noise.std().item() == pytest.approx(sigma * clip, rel=0.02)
 
 
-def test_empty_poisson_batch_still_adds_noise() -> None:
+def test_an_empty_update_still_adds_noise() -> None:
     param = nn.Parameter(torch.zeros(10_000))
     opt = _dp_opt(param, sigma=1.0, clip=1.0, expected=2.0)
     dp_sgd_update(opt, {param: torch.zeros(0, 10_000)})
@@ -75,13 +75,13 @@ def test_level3_release_is_clipped_to_c(norm: float, clip: float) -> None:
 
 
 @pytest.mark.parametrize(("sigma", "clip"), [(1.0, 0.5), (3.0, 0.01)])
-def test_level3_noise_std_is_noise_multiplier_times_twice_the_clip(sigma: float, clip: float) -> None:
+def test_level3_noise_std_is_noise_multiplier_times_the_clip(sigma: float, clip: float) -> None:
     zeros = [torch.zeros(20_000), torch.zeros(100, 200)]
     out, _ = clip_and_noise(
         zeros, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(3)
     )
     noise = torch.cat([o.flatten() for o in out])
-    assert noise.std().item() == pytest.approx(sigma * 2 * clip, rel=0.02)
+    assert noise.std().item() == pytest.approx(sigma * clip, rel=0.02)
 
 
 def test_per_record_gradients_match_autograd_and_merge_a_records_rows() -> None:
@@ -111,13 +111,15 @@ def test_per_record_gradients_match_autograd_and_merge_a_records_rows() -> None:
             torch.testing.assert_close(grads[name][record], ref[name], rtol=1e-5, atol=1e-6)
 
 
-def test_poisson_sampling_keeps_each_record_with_the_rate() -> None:
-    records = [torch.tensor([2 * i, 2 * i + 1]) for i in range(50)]  # two rows per record
+def test_fixed_size_sampling_without_replacement_is_uniform_over_records() -> None:
+    records = [torch.tensor([2 * i, 2 * i + 1]) for i in range(10)]  # two rows per record (a patient)
     gen = torch.Generator().manual_seed(0)
-    sizes = []
-    for _ in range(200):
-        batch = poisson_records(records, 0.3, gen)
-        sizes.append(batch.n_records)
-        assert batch.rows.numel() == 2 * batch.n_records
-        assert (batch.rows // 2).unique().numel() == batch.n_records
-    assert sum(sizes) / len(sizes) == pytest.approx(15.0, rel=0.05)
+    counts = torch.zeros(10)
+    for _ in range(2000):
+        batch = sample_records(records, 3, gen)
+        assert batch.n_records == 3 and batch.rows.numel() == 6, "always exactly B records, all their rows"
+        picked = (batch.rows // 2).unique()
+        assert picked.numel() == 3
+        counts[picked] += 1
+    assert torch.allclose(counts / 2000, torch.full((10,), 0.3), atol=0.03)
+    assert sample_records(records, 50, gen).n_records == 10

@@ -51,7 +51,7 @@ def _trainer(
     **mlo: object,
 ) -> PrivateGenSegTrainer:
     torch.manual_seed(0)
-    cfg = MLOConfig(mode=mode, batch_size=3, **{**PER_STEP, **mlo})
+    cfg = MLOConfig(**{"mode": mode, "batch_size": 3, **PER_STEP, **mlo})
     nets = build_networks(TINY, channels=1, image_size=SIZE, mode=mode)
     return PrivateGenSegTrainer(
         cfg,
@@ -92,14 +92,14 @@ def test_every_record_gradient_entering_levels_1_and_2_is_clipped(clip: float, s
     trainer = _trainer(privacy=privacy, slices=slices, n=8, epsilon=float("inf"))
     seen = _spy_on_clipping(trainer)
     sampled: list[int] = []
-    poisson = trainer._poisson
+    sample = trainer._sample
 
-    def counting_poisson():
-        batch = poisson()
+    def counting_sample():
+        batch = sample()
         sampled.append(batch.n_records)
         return batch
 
-    trainer._poisson = counting_poisson
+    trainer._sample = counting_sample
     trainer.train(2)
     assert [len(v) for v in seen.values()] == [2, 2, 2], "disc, gen and seg each updated once per iteration"
     per_update = iter(sampled)  # order of draws per iteration: disc, gen, seg
@@ -178,9 +178,11 @@ def test_each_mechanism_adds_noise_of_multiplier_times_sensitivity(monkeypatch) 
     expected = [0.45] * sizes[0] + [6.0] * sizes[1] + [1.05] * sizes[2]  # in update order
     assert opacus_stds == pytest.approx(expected)
     assert [m[n].noise_std for n in ("disc", "gen", "seg")] == pytest.approx([0.45, 6.0, 1.05])
-    # level III: clip_and_noise adds std = sigma_III * 2 * C3 (tested statistically in test_mechanisms)
+    # level III: clip_and_noise adds std = sigma_III * C3 (tested statistically in test_mechanisms)
     assert level3_args == [(0.05, 3.0)]
-    assert m["hyper"].sensitivity == 0.1 and m["hyper"].noise_std == pytest.approx(0.3)
+    assert m["hyper"].noise_std == pytest.approx(0.15)
+    # replace-one: every mechanism's sensitivity is twice its clipping norm
+    assert {n: m[n].sensitivity for n in m} == {"disc": 0.6, "gen": 8.0, "seg": 1.4, "hyper": 0.1}
 
 
 def test_ledger_counts_every_release() -> None:
@@ -259,3 +261,135 @@ def test_private_and_plain_trainers_follow_one_schedule_for_a_long_run() -> None
     released = {name: private.accountant.steps(name) for name in ("disc", "gen", "hyper", "seg")}
     assert released == dict(count_releases(private.mlo, 0, steps))
     assert private.pool.refreshes == plain.pool.refreshes == 4
+
+
+def _patients_site(replaced: bool) -> SiteData:
+    """Five patients of 1-3 slices; ``replaced`` swaps patient P2's images and masks for another patient's."""
+    slices = {"P0": 2, "P1": 1, "P2": 3, "P3": 2, "P4": 1}
+    rng = np.random.default_rng(0)
+    images, masks, ids, groups = [], [], [], []
+    for p, k in slices.items():
+        for s in range(k):
+            m = np.zeros((1, SIZE, SIZE), np.float32)
+            r, c = rng.integers(6, 20, size=2)
+            if replaced and p == "P2":
+                r, c = 20 - r + 6, 20 - c + 6  # another patient's anatomy in the same slot
+            m[0, r : r + 8, c : c + 10] = 1
+            images.append((m * 1.2 - 0.6 + 0.1 * rng.standard_normal(m.shape)).astype(np.float32))
+            masks.append(m)
+            ids.append(f"{p}-{s}")
+            groups.append(p)
+    return SiteData("site", np.stack(images), np.stack(masks), tuple(ids), tuple(groups))
+
+
+@pytest.mark.parametrize("pool_size", [0, 2])
+def test_two_sites_differing_in_one_patient_give_every_other_patient_identical_augmentation(
+    pool_size: int,
+) -> None:
+    """Replace one patient: every other patient's augmented real pairs, synthetic masks and pool masks are
+    drawn from the same secret streams, so they are bit-identical at every iteration (synthetic images
+    are the released generator applied to those masks: post-processing, allowed to differ)."""
+    seen: dict[bool, dict[tuple, torch.Tensor]] = {}
+    for replaced in (False, True):
+        torch.manual_seed(0)
+        mlo = MLOConfig(mode="aug", batch_size=2, **{**PER_STEP, "pool_size": pool_size, "pool_refresh": 2})
+        train = _patients_site(replaced)
+        trainer = PrivateGenSegTrainer(
+            mlo,
+            build_networks(TINY, channels=1, image_size=SIZE, mode="aug"),
+            train,
+            _site(2, 1),
+            Augmenter(AugmentConfig(elastic_prob=0.5), seed=0),
+            device=torch.device("cpu"),
+            privacy=PrivacyConfig(enabled=True),
+            epsilon=8.0,
+            delta=1e-5,
+            planned_iterations=4,
+            noise_seed=11,
+        )
+        out: dict[tuple, torch.Tensor] = {}
+        real, synthetic = trainer._real, trainer._synthetic
+
+        def spy_real(rows, *, classic, trainer=trainer, real=real, out=out, train=train):
+            images, masks = real(rows, classic=classic)
+            for j, r in enumerate(rows.tolist()):
+                out[("real", trainer.iteration, classic, train.ids[r])] = torch.cat([images[j], masks[j]])
+            return images, masks
+
+        def spy_synthetic(rows, *, attached, trainer=trainer, synthetic=synthetic, out=out, train=train):
+            images, masks = synthetic(rows, attached=attached)
+            n = len(rows)
+            for j in range(images.shape[0]):
+                key = ("synthetic", trainer.iteration, train.ids[rows[j % n]], j // n)
+                out[key] = masks[j]  # its image is the released generator's (post-processing): not compared
+            return images, masks
+
+        trainer._real, trainer._synthetic = spy_real, spy_synthetic
+        trainer.train(4)
+        if trainer.pool is not None:
+            for i, record_id in enumerate(train.ids):
+                for c in range(pool_size):
+                    out[("pool", record_id, c)] = trainer.pool.masks[c * len(train) + i]
+        seen[replaced] = out
+    a, b = seen[False], seen[True]
+    # the WOR samples use the secret sampling stream over record positions, unchanged by the replacement
+    assert set(a) == set(b)
+    others = [k for k in a if "P2" not in "".join(str(x) for x in k)]
+    mine = [k for k in a if k not in others]
+    assert len(others) > 10 and mine
+    for key in others:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} changed with patient P2")
+    # P2's real masks differ (its data changed), not because the others' draws moved
+    assert any(not torch.equal(a[k], b[k]) for k in mine)
+
+
+def test_augmentation_streams_are_secret_and_per_patient() -> None:
+    """Two patients never share a stream; the same key with another secret gives other draws."""
+    from genseg_fed.privacy.streams import RecordStreams
+
+    keys = [("P0", 0), ("P0", 1), ("P1", 0)]
+    a, b = RecordStreams(1, keys), RecordStreams(2, keys)
+    draws = [torch.rand(4, generator=g) for g in a.for_rows("pairs", 3, [0, 1, 2], copies=2)]
+    assert len({tuple(d.tolist()) for d in draws}) == 6
+    again = [torch.rand(4, generator=g) for g in a.for_rows("pairs", 3, [0, 1, 2], copies=2)]
+    assert all(torch.equal(x, y) for x, y in zip(draws, again, strict=True))
+    other = torch.rand(4, generator=b.for_rows("pairs", 3, [0])[0])
+    assert not torch.equal(other, draws[0])
+
+
+@pytest.mark.parametrize("change", [{"batch_size": 2}, {"n": 8}])
+def test_a_resumed_site_with_another_batch_size_or_n_train_refuses(change: dict) -> None:
+    a = _trainer("seg-only", n=6)
+    a.train(2)
+    state = copy.deepcopy(a.state_dict())
+    kw = {"n": change.get("n", 6)}
+    if "batch_size" in change:
+        kw["batch_size"] = change["batch_size"]
+    b = _trainer("seg-only", **kw)
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(ValueError, match="Refusing to resume"):
+        b.load_state_dict(state)
+    assert b.iteration == 0 and b.accountant.steps() == 0, "a refused resume changes nothing"
+    torch.testing.assert_close(before["networks"], b.state_dict()["networks"])
+    c = _trainer("seg-only", n=6)
+    c.load_state_dict(state)  # the same settings resume
+    assert c.accountant.steps() == 2 and c.sample_rate == 3 / 6
+
+
+def test_gen_dropout_is_refused_under_dp() -> None:
+    model = ModelConfig(
+        seg_features=(8, 16, 32), gen_features=8, gen_depth=2, disc_features=8, disc_layers=2, gen_dropout=0.2
+    )
+    with pytest.raises(ValueError, match="gen_dropout"):
+        PrivateGenSegTrainer(
+            MLOConfig(mode="aug", **PER_STEP),
+            build_networks(model, channels=1, image_size=SIZE, mode="aug"),
+            _site(6, 0),
+            _site(2, 1),
+            Augmenter(AugmentConfig(), seed=0),
+            device=torch.device("cpu"),
+            privacy=PrivacyConfig(enabled=True),
+            epsilon=8.0,
+            delta=1e-5,
+            planned_iterations=2,
+        )
